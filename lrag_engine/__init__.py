@@ -1,0 +1,1 @@
+"""lrag_engine: retrieval-augmented AR long-video generation."""

@@ -1,0 +1,226 @@
+"""Configuration dataclasses: model shapes, memory (window / retrieval) rules, runtime.
+
+Every dataclass validates itself in ``__post_init__`` and names the bad field and
+its allowed range, so a wrong value fails at construction time and never half-way
+through a generation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of float32, bfloat16, float16")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def _positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of a Wan 2.1 causal DiT. ``height``/``width`` are latent sizes."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    height: int = 60
+    width: int = 104
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(self.patch_size)
+        _positive("ModelConfig", dim=self.dim, ffn_dim=self.ffn_dim, num_heads=self.num_heads,
+                  num_layers=self.num_layers, in_channels=self.in_channels,
+                  out_channels=self.out_channels, text_dim=self.text_dim,
+                  text_len=self.text_len, freq_dim=self.freq_dim,
+                  height=self.height, width=self.width)
+        if self.dim % self.num_heads:
+            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"ModelConfig head dim (dim/num_heads = {self.head_dim}) must be even and >= 6 for 3-D RoPE")
+        if self.freq_dim % 2:
+            raise ValueError(f"ModelConfig.freq_dim must be even, got {self.freq_dim}")
+        if len(self.patch_size) != 3 or self.patch_size[0] != 1:
+            raise ValueError(f"ModelConfig.patch_size must be (1, ph, pw) for a causal model, got {self.patch_size}")
+        _, ph, pw = self.patch_size
+        if self.height % ph or self.width % pw:
+            raise ValueError(f"ModelConfig latent size {self.height}x{self.width} must be divisible by the patch {ph}x{pw}")
+        if not self.eps > 0:
+            raise ValueError(f"ModelConfig.eps must be > 0, got {self.eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.height // self.patch_size[1]) * (self.width // self.patch_size[2])
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Runs a 16-block video on a laptop CPU in seconds; shapes keep every code path
+    # (several heads, 3-D RoPE split, a patch grid that is not square) alive.
+    "tiny": ModelConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=16,
+                        out_channels=16, text_dim=32, text_len=16, freq_dim=32,
+                        height=8, width=12),
+    "wan2.1-t2v-1.3b": ModelConfig(),
+}
+
+
+DESCRIPTORS = ("mean", "encoder")
+OVERFLOW_POLICIES = ("error", "drop_oldest")
+
+
+@dataclass
+class MemoryConfig:
+    """Sliding window, history and retrieval rules (SPEC section 4).
+
+    window: frames held by the window cache, sink included.
+    sink: first frames generated, never evicted.
+    top_k: retrieval budget in frames; 0 is the native sliding window.
+    recency_guard: the most recently evicted frames that may not be retrieved.
+    frames_per_block: latent frames generated per AR block.
+    widen_local_until_memory: when fewer than ``top_k`` frames can be retrieved,
+        give the unused context slots to the local window (the reference keeps the
+        local part at ``window - sink - top_k`` frames regardless).
+    descriptor: "mean" (spatial mean of the latent frame) or "encoder".
+    gpu_budget_bytes / host_budget_bytes: history byte budgets (None: unbounded GPU
+        tier / no host tier).
+    overflow_policy: what happens when the history budgets are full: "error" raises
+        before anything is written; "drop_oldest" warns and forgets the oldest
+        history frames.
+    """
+
+    window: int = 12
+    sink: int = 1
+    top_k: int = 6
+    recency_guard: int = 5
+    frames_per_block: int = 3
+    widen_local_until_memory: bool = False
+    descriptor: str = "mean"
+    gpu_budget_bytes: int | None = None
+    host_budget_bytes: int | None = None
+    overflow_policy: str = "error"
+
+    def __post_init__(self) -> None:
+        _positive("MemoryConfig", window=self.window, frames_per_block=self.frames_per_block)
+        for name in ("sink", "top_k", "recency_guard"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"MemoryConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.sink >= self.window:
+            raise ValueError(f"MemoryConfig.sink ({self.sink}) must be < window ({self.window})")
+        if self.top_k >= self.window - self.sink:
+            raise ValueError(
+                f"MemoryConfig.top_k ({self.top_k}) must be < window - sink ({self.window - self.sink}): "
+                "the local part of the context would be empty")
+        if self.local_frames < self.frames_per_block:
+            raise ValueError(
+                f"MemoryConfig: window - sink - top_k = {self.local_frames} local frames cannot hold a "
+                f"block of frames_per_block={self.frames_per_block}; raise window or lower top_k/sink")
+        if self.descriptor not in DESCRIPTORS:
+            raise ValueError(f"MemoryConfig.descriptor must be one of {DESCRIPTORS}, got {self.descriptor!r}")
+        if self.overflow_policy not in OVERFLOW_POLICIES:
+            raise ValueError(f"MemoryConfig.overflow_policy must be one of {OVERFLOW_POLICIES}, "
+                             f"got {self.overflow_policy!r}")
+        for name in ("gpu_budget_bytes", "host_budget_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"MemoryConfig.{name} must be None or an integer >= 0, got {value!r}")
+
+    @property
+    def local_frames(self) -> int:
+        """Local context frames when all ``top_k`` retrieved frames are present."""
+        return self.window - self.sink - self.top_k
+
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "xformers")
+KERNEL_MODES = ("auto", "triton", "reference")
+
+
+@dataclass
+class RuntimeConfig:
+    """Device, precision and schedule.
+
+    kernels: "auto" runs Triton kernels on CUDA and the float32 references on the
+        CPU; "triton" forces the kernels (on the CPU only with TRITON_INTERPRET=1);
+        "reference" forces the references.
+    denoising_steps: the (un-warped) step list of SPEC section 3.
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention_backend: str = "auto"
+    kernels: str = "auto"
+    cuda_graphs: bool = False
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        resolve_dtype(self.dtype)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"RuntimeConfig.device {self.device!r} is not a torch device: {exc}") from None
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"RuntimeConfig.attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {self.attention_backend!r}")
+        if self.kernels not in KERNEL_MODES:
+            raise ValueError(f"RuntimeConfig.kernels must be one of {KERNEL_MODES}, got {self.kernels!r}")
+        self.denoising_steps = tuple(self.denoising_steps)
+        if not self.denoising_steps:
+            raise ValueError("RuntimeConfig.denoising_steps must hold at least one step")
+        for step in self.denoising_steps:
+            if not isinstance(step, int) or not 0 < step <= self.num_train_timesteps:
+                raise ValueError(f"RuntimeConfig.denoising_steps entries must be integers in "
+                                 f"(0, {self.num_train_timesteps}], got {step!r}")
+        if list(self.denoising_steps) != sorted(self.denoising_steps, reverse=True):
+            raise ValueError(f"RuntimeConfig.denoising_steps must be decreasing, got {self.denoising_steps}")
+        if not self.shift > 0:
+            raise ValueError(f"RuntimeConfig.shift must be > 0, got {self.shift}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype)
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -1,0 +1,135 @@
+"""History store: every evicted frame's K/V (all layers) and descriptor, per stream.
+
+Storage is a page pool ``[P, N, H, D]`` for K and one for V; a page holds one frame
+of one layer of one stream. This module is the facade the engine talks to; the
+paged C++ store (``memory/paged.py``) offers the same methods.
+
+Methods the engine relies on:
+    append(k, v, descriptors)   evicted frames, oldest first, all streams at once
+    num_frames                  frames held per stream (equal across streams)
+    descriptors(), descriptor_norms()
+    page_ids(frame_ids)         device page ids [L, B, K] for the splice, -1 kept
+    pool_k, pool_v              page pools read by the splice
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class HistoryFullError(RuntimeError):
+    """The history byte budget is exhausted and the overflow policy is "error"."""
+
+
+class HistoryStore:
+    """Growable in-device store (a single tier). Page id of (frame f, stream b, layer l)
+    is ``(f * B + b) * L + l``, so appending frames appends whole runs of pages."""
+
+    def __init__(self, num_layers: int, batch: int, tokens_per_frame: int, num_heads: int,
+                 head_dim: int, descriptor_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", gpu_budget_bytes: int | None = None,
+                 overflow_policy: str = "error", initial_frames: int = 16) -> None:
+        self.num_layers, self.batch = num_layers, batch
+        self.page_shape = (tokens_per_frame, num_heads, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.overflow_policy = overflow_policy
+        self.frame_bytes = 2 * num_layers * batch * tokens_per_frame * num_heads * head_dim * dtype.itemsize
+        self.max_frames = None if gpu_budget_bytes is None else gpu_budget_bytes // self.frame_bytes
+        cap = initial_frames if self.max_frames is None else min(initial_frames, self.max_frames)
+        self.pool_k = torch.empty(0, *self.page_shape, dtype=dtype, device=self.device)
+        self.pool_v = torch.empty_like(self.pool_k)
+        self._desc = torch.empty(batch, 0, descriptor_dim, dtype=torch.float32, device=self.device)
+        self._norms = torch.empty(batch, 0, dtype=torch.float32, device=self.device)
+        self.num_frames = 0
+        self.dropped_frames = 0
+        self._reserve(cap)
+
+    @property
+    def capacity_frames(self) -> int:
+        return self._desc.shape[1]
+
+    @property
+    def bytes_used(self) -> int:
+        return self.num_frames * self.frame_bytes
+
+    def _reserve(self, frames: int) -> None:
+        if frames <= self.capacity_frames:
+            return
+        pages = frames * self.batch * self.num_layers
+        for name in ("pool_k", "pool_v"):
+            old = getattr(self, name)
+            new = torch.empty(pages, *self.page_shape, dtype=self.dtype, device=self.device)
+            new[: old.shape[0]].copy_(old)
+            setattr(self, name, new)
+        desc = torch.zeros(self.batch, frames, self._desc.shape[2], dtype=torch.float32, device=self.device)
+        desc[:, : self.num_frames] = self._desc[:, : self.num_frames]
+        norms = torch.zeros(self.batch, frames, dtype=torch.float32, device=self.device)
+        norms[:, : self.num_frames] = self._norms[:, : self.num_frames]
+        self._desc, self._norms = desc, norms
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> None:
+        """k, v: [L, B, Fe, N, H, D]; descriptors: [B, Fe, Dd] (float32)."""
+        expected = (self.num_layers, self.batch)
+        if k.shape[:2] != expected or k.shape[3:] != self.page_shape or v.shape != k.shape:
+            raise ValueError(f"history.append: k/v must be [L={expected[0]}, B={expected[1]}, Fe, "
+                             f"{', '.join(map(str, self.page_shape))}], got {tuple(k.shape)} / {tuple(v.shape)}")
+        fe = k.shape[2]
+        if descriptors.shape[:2] != (self.batch, fe) or descriptors.shape[2] != self._desc.shape[2]:
+            raise ValueError(f"history.append: descriptors must be [B={self.batch}, Fe={fe}, "
+                             f"{self._desc.shape[2]}], got {tuple(descriptors.shape)}")
+        if self.max_frames is not None and self.num_frames + fe > self.max_frames:
+            if self.overflow_policy == "error" or fe > self.max_frames:
+                raise HistoryFullError(
+                    f"history budget full: {self.num_frames} frames held, {fe} more need "
+                    f"{(self.num_frames + fe) * self.frame_bytes} bytes > budget of {self.max_frames} frames "
+                    f"({self.max_frames * self.frame_bytes} bytes); raise gpu_budget_bytes/host_budget_bytes "
+                    "or set overflow_policy='drop_oldest'")
+            self._drop_oldest(self.num_frames + fe - self.max_frames)
+        self._reserve(max(self.num_frames + fe, 2 * self.capacity_frames)
+                      if self.num_frames + fe > self.capacity_frames else 0)
+        start = self.num_frames * self.batch * self.num_layers
+        pages = fe * self.batch * self.num_layers
+        # [L, B, Fe, ...] -> page order (f, b, l)
+        self.pool_k[start:start + pages].copy_(k.permute(2, 1, 0, 3, 4, 5).reshape(pages, *self.page_shape))
+        self.pool_v[start:start + pages].copy_(v.permute(2, 1, 0, 3, 4, 5).reshape(pages, *self.page_shape))
+        desc = descriptors.float()
+        self._desc[:, self.num_frames:self.num_frames + fe] = desc
+        self._norms[:, self.num_frames:self.num_frames + fe] = desc.norm(dim=-1)
+        self.num_frames += fe
+
+    def _drop_oldest(self, count: int) -> None:
+        warnings.warn(f"history budget full: dropping the {count} oldest history frame(s) "
+                      f"(overflow_policy='drop_oldest'); they can no longer be retrieved", stacklevel=3)
+        keep = self.num_frames - count
+        per_frame = self.batch * self.num_layers
+        for pool in (self.pool_k, self.pool_v):
+            pool[: keep * per_frame] = pool[count * per_frame: self.num_frames * per_frame].clone()
+        self._desc[:, :keep] = self._desc[:, count:self.num_frames].clone()
+        self._norms[:, :keep] = self._norms[:, count:self.num_frames].clone()
+        self.num_frames = keep
+        self.dropped_frames += count
+
+    def descriptors(self) -> torch.Tensor:
+        """[B, num_frames, Dd] float32 view, frame order = eviction order."""
+        return self._desc[:, : self.num_frames]
+
+    def descriptor_norms(self) -> torch.Tensor:
+        """[B, num_frames] float32 L2 norms of the descriptors, kept from insertion."""
+        return self._norms[:, : self.num_frames]
+
+    def page_ids(self, frame_ids: torch.Tensor) -> torch.Tensor:
+        """frame_ids [B, K] (int64, -1 = none) -> page ids [L, B, K] int64 on the device."""
+        b = torch.arange(self.batch, device=frame_ids.device).unsqueeze(1)
+        layers = torch.arange(self.num_layers, device=frame_ids.device).view(-1, 1, 1)
+        pages = (frame_ids * self.batch + b) * self.num_layers + layers
+        return torch.where(frame_ids >= 0, pages, torch.full_like(pages, -1))
+
+    def frame_kv(self, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of one history frame, [L, B, N, H, D] each (for inspection and tests)."""
+        if not 0 <= frame < self.num_frames:
+            raise IndexError(f"history frame {frame} out of range [0, {self.num_frames})")
+        per_frame = self.batch * self.num_layers
+        sl = slice(frame * per_frame, (frame + 1) * per_frame)
+        shape = (self.batch, self.num_layers, *self.page_shape)
+        return (self.pool_k[sl].view(shape).transpose(0, 1), self.pool_v[sl].view(shape).transpose(0, 1))
