@@ -1,1 +1,12 @@
-"""lrag_engine: retrieval-augmented AR long-video generation."""
+"""lrag_engine: retrieval-augmented autoregressive long-video generation (LongLive-RAG).
+
+    from lrag_engine import Engine, MemoryConfig
+    result = Engine("tiny", memory=MemoryConfig(top_k=6)).generate(num_frames=48)
+"""
+from .config import EngineConfig, MemoryConfig, ModelConfig, RuntimeConfig
+from .engine import BlockOutput, Engine, GenerationResult
+from .memory.retrieval import BlockLog
+
+__all__ = ["Engine", "GenerationResult", "BlockOutput", "BlockLog", "ModelConfig", "MemoryConfig",
+           "RuntimeConfig", "EngineConfig"]
+__version__ = "0.1.0"

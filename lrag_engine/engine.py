@@ -1,0 +1,238 @@
+"""Engine: block-by-block generation with LongLive-RAG memory.
+
+    engine = Engine(model=ModelConfig.preset("tiny"), memory=MemoryConfig(), seed=0)
+    result = engine.generate(num_frames=48)          # latents [B, T, C, H, W], log
+    for block in engine.stream(num_frames=48): ...   # each block as soon as it is done
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .attention.backend import get_backend
+from .config import MemoryConfig, ModelConfig, RuntimeConfig
+from .memory.cache import RetrievalCache
+from .memory.retrieval import BlockLog, Descriptor, MeanDescriptor
+from .models.checkpoint import LoadReport, load_weights
+from .models.wan import WanModel
+from .ops.rope import RopeTables
+from .schedule import DenoiseSchedule, predict_x0, renoise
+
+
+@dataclass
+class BlockOutput:
+    """One finished block: ``latents`` [B, F, C, H, W] float32 on the CPU."""
+
+    block: int
+    frames: tuple[int, int]
+    latents: torch.Tensor
+    log: BlockLog
+    seconds: float
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor                      # [B, T, C, H, W] float32, CPU
+    log: list[BlockLog] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)
+
+    def log_dicts(self) -> list[dict]:
+        return [entry.to_dict() for entry in self.log]
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, shape: Sequence[int | None]) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != len(shape) or any(s is not None and s != t for s, t in zip(shape, tensor.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+class Engine:
+    """A Wan-style causal DiT with the sliding-window cache and retrieval memory.
+
+    model: a ModelConfig or the name of a preset ("tiny", "wan2.1-t2v-1.3b").
+    checkpoint / lora: weight files (.pt / .safetensors); without a checkpoint the
+        weights are random, drawn from ``seed``.
+    encoder: a retrieval encoder checkpoint; when given, descriptors come from it
+        (``memory.descriptor`` becomes "encoder").
+    """
+
+    def __init__(self, model: ModelConfig | str = "tiny", memory: MemoryConfig | None = None,
+                 runtime: RuntimeConfig | None = None, checkpoint: str | Path | None = None,
+                 lora: str | Path | None = None, lora_alpha: float | None = None,
+                 encoder: str | Path | None = None, descriptor: Descriptor | None = None,
+                 seed: int = 0) -> None:
+        self.model_config = ModelConfig.preset(model) if isinstance(model, str) else model
+        self.memory = memory or MemoryConfig()
+        self.runtime = runtime or RuntimeConfig()
+        self.device = torch.device(self.runtime.device)
+        self.dtype = self.runtime.torch_dtype
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.runtime.device!r} requested but CUDA is not available")
+        self.seed = seed
+        self.attention_backend, self.attend = get_backend(self.runtime.attention_backend, self.device, self.dtype)
+
+        self.model = WanModel(self.model_config, dtype=self.dtype, device=self.device,
+                              attention_backend=self.attend, seed=seed).eval()
+        self.load_report: LoadReport | None = None
+        if checkpoint is not None:
+            self.load_report = load_weights(self.model, checkpoint, lora_path=lora, lora_alpha=lora_alpha)
+        elif lora is not None:
+            raise ValueError("a LoRA file needs a base checkpoint (checkpoint=...)")
+
+        if encoder is not None and descriptor is not None:
+            raise ValueError("give either encoder= (a checkpoint) or descriptor= (a callable), not both")
+        if encoder is not None:
+            from .encoder.descriptor import EncoderDescriptor
+            descriptor = EncoderDescriptor.from_checkpoint(encoder, device=self.device)
+            self.memory.descriptor = "encoder"
+        elif self.memory.descriptor == "encoder" and descriptor is None:
+            raise ValueError("MemoryConfig.descriptor='encoder' needs an encoder checkpoint (encoder=...)")
+        self.descriptor = descriptor or MeanDescriptor(self.model_config.in_channels)
+
+        cfg = self.model_config
+        self.tables = RopeTables.build(cfg.head_dim, cfg.height // cfg.patch_size[1],
+                                       cfg.width // cfg.patch_size[2], max_frames=self.memory.window,
+                                       device=self.device)
+        self.schedule = DenoiseSchedule.from_steps(self.runtime.denoising_steps, self.runtime.shift,
+                                                   self.runtime.num_train_timesteps)
+
+    # ------------------------------------------------------------------ inputs
+    def default_text(self, batch: int = 1) -> torch.Tensor:
+        """The built-in text embedding: fixed standard-normal ``[B, text_len, text_dim]``
+        drawn from seed 0 (the same for every stream), for demos without a text encoder."""
+        g = torch.Generator().manual_seed(0)
+        cfg = self.model_config
+        text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
+        return text.expand(batch, -1, -1).clone()
+
+    def _prepare(self, num_frames: int, text, noise, renoise_list, seed, batch_size):
+        cfg, mem = self.model_config, self.memory
+        frames_per_block = mem.frames_per_block
+        if not isinstance(num_frames, int) or num_frames <= 0 or num_frames % frames_per_block:
+            raise ValueError(f"num_frames must be a positive multiple of frames_per_block "
+                             f"({frames_per_block}), got {num_frames!r}")
+        batch = batch_size
+        for tensor in (noise, text):
+            if tensor is not None and isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+                batch = tensor.shape[0] if batch is None else batch
+        batch = 1 if batch is None else batch
+        if not isinstance(batch, int) or batch <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch!r}")
+        latent_shape = (cfg.in_channels, cfg.height, cfg.width)
+        if noise is not None:
+            _check_tensor("noise", noise, (batch, num_frames, *latent_shape))
+        if text is None:
+            text = self.default_text(batch)
+        _check_tensor("text", text, (batch, None, cfg.text_dim))
+        if text.shape[1] > cfg.text_len:
+            raise ValueError(f"text has {text.shape[1]} tokens, more than text_len={cfg.text_len}")
+        num_blocks = num_frames // frames_per_block
+        steps = len(self.schedule)
+        if renoise_list is not None:
+            renoise_list = list(renoise_list)
+            want = num_blocks * (steps - 1)
+            if len(renoise_list) != want:
+                raise ValueError(f"renoise must hold {want} tensors ({num_blocks} blocks x {steps - 1} "
+                                 f"non-final steps), got {len(renoise_list)}")
+            for i, r in enumerate(renoise_list):
+                _check_tensor(f"renoise[{i}]", r, (batch, frames_per_block, *latent_shape))
+        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        if noise is None:
+            noise = torch.randn(batch, num_frames, *latent_shape, generator=generator)
+        return batch, num_blocks, text, noise, renoise_list, generator
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, num_frames: int, text: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+               renoise: Sequence[torch.Tensor] | None = None, seed: int | None = None,
+               batch_size: int | None = None) -> Iterator[BlockOutput]:
+        """Generate ``num_frames`` latent frames, yielding each block when it is finished.
+
+        text [B, L, text_dim] (L <= text_len; default: ``default_text``), noise
+        [B, T, C, H, W] (default: drawn from ``seed``), renoise: one [B, F, C, H, W]
+        per block and non-final step, block-major (default: drawn from ``seed``).
+        All inputs are validated before any work starts.
+        """
+        batch, num_blocks, text, noise, renoise_list, generator = self._prepare(
+            num_frames, text, noise, renoise, seed, batch_size)
+        return self._run(batch, num_blocks, text, noise, renoise_list, generator)
+
+    def _run(self, batch, num_blocks, text, noise, renoise_list, generator) -> Iterator[BlockOutput]:
+        cfg, mem = self.model_config, self.memory
+        f = mem.frames_per_block
+        cache = RetrievalCache(mem, cfg.num_layers, batch, cfg.tokens_per_frame, cfg.num_heads,
+                               cfg.head_dim, self.descriptor, self.tables, self.attend, self.dtype,
+                               self.device, kernels=self.runtime.kernels)
+        with torch.inference_mode():
+            cross_kv = self.model.encode_text(text.to(self.device, self.dtype))
+        timesteps, sigmas = self.schedule.timesteps, self.schedule.sigmas
+        step_t = [torch.full((batch, f), t, device=self.device) for t in timesteps]
+        zero_t = torch.zeros(batch, f, device=self.device)
+        renoise_iter = iter(renoise_list) if renoise_list is not None else None
+        latent_shape = noise.shape[2:]
+
+        for block in range(num_blocks):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                log = cache.begin_block(f)
+                x = noise[:, block * f:(block + 1) * f].to(self.device, torch.float32)
+                attention = cache.attention(recache=False)
+                for i, sigma in enumerate(sigmas):
+                    flow = self.model(x, step_t[i], cross_kv, attention)
+                    x0 = predict_x0(x, flow, sigma)
+                    if i + 1 < len(sigmas):
+                        if renoise_iter is not None:
+                            fresh = next(renoise_iter).to(self.device, torch.float32)
+                        else:
+                            fresh = torch.randn(batch, f, *latent_shape, generator=generator).to(self.device)
+                        x = renoise(x0, fresh, sigmas[i + 1])
+                self.model(x0, zero_t, cross_kv, cache.attention(recache=True))
+                cache.end_block(x0)
+                latents = x0.to("cpu", torch.float32)
+            yield BlockOutput(block, (block * f, (block + 1) * f), latents, log(),
+                              time.perf_counter() - start)
+
+    def generate(self, num_frames: int, text: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 renoise: Sequence[torch.Tensor] | None = None, seed: int | None = None,
+                 batch_size: int | None = None, progress: bool = False) -> GenerationResult:
+        """Generate a whole video; see ``stream`` for the arguments.
+
+        Returns latents [B, T, C, H, W] (float32, CPU) and the per-block retrieval log.
+        """
+        blocks = self.stream(num_frames, text, noise, renoise, seed, batch_size)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=num_frames // self.memory.frames_per_block, unit="block", desc="generate")
+        outputs: list[BlockOutput] = []
+        for out in blocks:
+            outputs.append(out)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return GenerationResult(torch.cat([o.latents for o in outputs], dim=1), [o.log for o in outputs],
+                                [o.seconds for o in outputs])
+
+    def describe(self) -> dict:
+        """A summary of what this engine runs (printed by the CLI)."""
+        return {
+            "model": self.model_config.to_dict(),
+            "memory": vars(self.memory).copy(),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attention_backend": self.attention_backend,
+            "kernels": self.runtime.kernels,
+            "timesteps": list(self.schedule.timesteps),
+            "descriptor": type(self.descriptor).__name__,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
