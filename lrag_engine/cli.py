@@ -104,7 +104,7 @@ def cmd_generate(args) -> int:
             outputs.append(out)
             bar.update(1)
     elapsed = time.perf_counter() - start
-    latents = torch.cat([o.latents for o in outputs], dim=1)
+    latents = torch.cat([o.latents for o in outputs], dim=1).cpu()
     log = [o.log.to_dict() for o in outputs]
 
     out_dir = Path(args.out)

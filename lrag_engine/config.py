@@ -103,6 +103,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 DESCRIPTORS = ("mean", "encoder")
 OVERFLOW_POLICIES = ("error", "drop_oldest")
+HISTORY_TIERS = ("device", "host")
 
 
 @dataclass
@@ -123,6 +124,9 @@ class MemoryConfig:
     overflow_policy: what happens when the history budgets are full: "error" raises
         before anything is written; "drop_oldest" warns and forgets the oldest
         history frames.
+    history_tier: where evicted frames live: "device" (GPU pool, spilling to the
+        host tier past ``gpu_budget_bytes`` when a host budget is set) or "host" (pinned
+        host memory; only the retrieved frames come to the device, once per block).
     """
 
     window: int = 12
@@ -135,6 +139,7 @@ class MemoryConfig:
     gpu_budget_bytes: int | None = None
     host_budget_bytes: int | None = None
     overflow_policy: str = "error"
+    history_tier: str = "device"
 
     def __post_init__(self) -> None:
         _positive("MemoryConfig", window=self.window, frames_per_block=self.frames_per_block)
@@ -157,6 +162,8 @@ class MemoryConfig:
         if self.overflow_policy not in OVERFLOW_POLICIES:
             raise ValueError(f"MemoryConfig.overflow_policy must be one of {OVERFLOW_POLICIES}, "
                              f"got {self.overflow_policy!r}")
+        if self.history_tier not in HISTORY_TIERS:
+            raise ValueError(f"MemoryConfig.history_tier must be one of {HISTORY_TIERS}, got {self.history_tier!r}")
         for name in ("gpu_budget_bytes", "host_budget_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -170,6 +177,7 @@ class MemoryConfig:
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "xformers")
 KERNEL_MODES = ("auto", "triton", "reference")
+RETRIEVAL_FETCH = ("per_block", "per_forward")
 
 
 @dataclass
@@ -179,6 +187,11 @@ class RuntimeConfig:
     kernels: "auto" runs Triton kernels on CUDA and the float32 references on the
         CPU; "triton" forces the kernels (on the CPU only with TRITON_INTERPRET=1);
         "reference" forces the references.
+    cuda_graphs: capture the steady-state forwards as CUDA graphs (CUDA only; on
+        other devices the same static-buffer path runs eagerly).
+    retrieval_fetch: "per_block" gathers retrieved K/V into the context once per
+        block; "per_forward" fetches them from host memory again for every layer of
+        every forward, as the public LongLive-RAG reference does (a benchmark baseline).
     denoising_steps: the (un-warped) step list of SPEC section 3.
     """
 
@@ -187,6 +200,7 @@ class RuntimeConfig:
     attention_backend: str = "auto"
     kernels: str = "auto"
     cuda_graphs: bool = False
+    retrieval_fetch: str = "per_block"
     denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
     shift: float = 5.0
     num_train_timesteps: int = 1000
@@ -202,6 +216,9 @@ class RuntimeConfig:
                              f"got {self.attention_backend!r}")
         if self.kernels not in KERNEL_MODES:
             raise ValueError(f"RuntimeConfig.kernels must be one of {KERNEL_MODES}, got {self.kernels!r}")
+        if self.retrieval_fetch not in RETRIEVAL_FETCH:
+            raise ValueError(f"RuntimeConfig.retrieval_fetch must be one of {RETRIEVAL_FETCH}, "
+                             f"got {self.retrieval_fetch!r}")
         self.denoising_steps = tuple(self.denoising_steps)
         if not self.denoising_steps:
             raise ValueError("RuntimeConfig.denoising_steps must hold at least one step")

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -20,18 +21,29 @@ from .memory.retrieval import BlockLog, Descriptor, MeanDescriptor
 from .models.checkpoint import LoadReport, load_weights
 from .models.wan import WanModel
 from .ops.rope import RopeTables
+from .runtime.graphs import GraphCache
 from .schedule import DenoiseSchedule, predict_x0, renoise
 
 
-@dataclass
 class BlockOutput:
-    """One finished block: ``latents`` [B, F, C, H, W] float32 on the CPU."""
+    """One finished block.
 
-    block: int
-    frames: tuple[int, int]
-    latents: torch.Tensor
-    log: BlockLog
-    seconds: float
+    latents: [B, F, C, H, W] float32 on the engine's device (``.cpu()`` when needed: the
+        engine itself never waits for the device inside the block loop).
+    log: the block's retrieval log, read from the device on first access.
+    seconds: host time spent enqueueing the block (on CUDA not the device time).
+    """
+
+    def __init__(self, block: int, frames: tuple[int, int], latents: torch.Tensor,
+                 log: Callable[[], BlockLog], seconds: float) -> None:
+        self.block, self.frames, self.latents, self.seconds = block, frames, latents, seconds
+        self._log_fn, self._log = log, None
+
+    @property
+    def log(self) -> BlockLog:
+        if self._log is None:
+            self._log = self._log_fn()
+        return self._log
 
 
 @dataclass
@@ -79,7 +91,14 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.runtime.device!r} requested but CUDA is not available")
         self.seed = seed
+        self.graphs: GraphCache | None = None
         self.attention_backend, self.attend = get_backend(self.runtime.attention_backend, self.device, self.dtype)
+        if self.runtime.cuda_graphs and self.runtime.retrieval_fetch == "per_forward":
+            raise ValueError("RuntimeConfig: cuda_graphs cannot be combined with retrieval_fetch='per_forward' "
+                             "(the baseline reads host memory inside every forward)")
+        if self.runtime.cuda_graphs and self.device.type != "cuda":
+            warnings.warn(f"cuda_graphs=True on {self.device}: CUDA graphs need a CUDA device; running the "
+                          "same static-buffer forwards eagerly", stacklevel=2)
 
         self.model = WanModel(self.model_config, dtype=self.dtype, device=self.device,
                               attention_backend=self.attend, seed=seed).eval()
@@ -166,16 +185,31 @@ class Engine:
             num_frames, text, noise, renoise, seed, batch_size)
         return self._run(batch, num_blocks, text, noise, renoise_list, generator)
 
+    def _forward(self, cache: RetrievalCache, graphs: GraphCache | None, x: torch.Tensor,
+                 t: torch.Tensor, cross_kv, recache: bool) -> torch.Tensor:
+        attention = cache.attention(recache=recache)
+        if graphs is None or cache.signature not in self._seen_signatures:
+            # A shape seen for the first time (the blocks before the window fills) runs
+            # eagerly; from its second block on it gets a static forward.
+            return self.model(x, t, cross_kv, attention)
+        forward = graphs.get((cache.signature, recache),
+                             lambda x, t: self.model(x, t, cross_kv, attention))
+        return forward(x=x, t=t)
+
     def _run(self, batch, num_blocks, text, noise, renoise_list, generator) -> Iterator[BlockOutput]:
-        cfg, mem = self.model_config, self.memory
+        cfg, mem, rt = self.model_config, self.memory, self.runtime
         f = mem.frames_per_block
+        refetch = rt.retrieval_fetch == "per_forward"
         cache = RetrievalCache(mem, cfg.num_layers, batch, cfg.tokens_per_frame, cfg.num_heads,
                                cfg.head_dim, self.descriptor, self.tables, self.attend, self.dtype,
-                               self.device, kernels=self.runtime.kernels)
+                               self.device, kernels=rt.kernels, refetch_per_forward=refetch)
+        graphs = GraphCache(capture=self.device.type == "cuda") if rt.cuda_graphs else None
+        self.graphs = graphs   # the last run's static forwards, for inspection
+        self._seen_signatures: set[tuple] = set()
         with torch.inference_mode():
             cross_kv = self.model.encode_text(text.to(self.device, self.dtype))
-        timesteps, sigmas = self.schedule.timesteps, self.schedule.sigmas
-        step_t = [torch.full((batch, f), t, device=self.device) for t in timesteps]
+        sigmas = self.schedule.sigmas
+        step_t = [torch.full((batch, f), t, device=self.device) for t in self.schedule.timesteps]
         zero_t = torch.zeros(batch, f, device=self.device)
         renoise_iter = iter(renoise_list) if renoise_list is not None else None
         latent_shape = noise.shape[2:]
@@ -184,22 +218,23 @@ class Engine:
             start = time.perf_counter()
             with torch.inference_mode():
                 log = cache.begin_block(f)
-                x = noise[:, block * f:(block + 1) * f].to(self.device, torch.float32)
-                attention = cache.attention(recache=False)
+                x = noise[:, block * f:(block + 1) * f].to(self.device, torch.float32, non_blocking=True)
                 for i, sigma in enumerate(sigmas):
-                    flow = self.model(x, step_t[i], cross_kv, attention)
+                    flow = self._forward(cache, graphs, x, step_t[i], cross_kv, recache=False)
                     x0 = predict_x0(x, flow, sigma)
                     if i + 1 < len(sigmas):
                         if renoise_iter is not None:
-                            fresh = next(renoise_iter).to(self.device, torch.float32)
+                            fresh = next(renoise_iter).to(self.device, torch.float32, non_blocking=True)
                         else:
-                            fresh = torch.randn(batch, f, *latent_shape, generator=generator).to(self.device)
+                            fresh = torch.randn(batch, f, *latent_shape, generator=generator)
+                            fresh = fresh.to(self.device, non_blocking=True)
                         x = renoise(x0, fresh, sigmas[i + 1])
-                self.model(x0, zero_t, cross_kv, cache.attention(recache=True))
                 cache.end_block(x0)
-                latents = x0.to("cpu", torch.float32)
-            yield BlockOutput(block, (block * f, (block + 1) * f), latents, log(),
-                              time.perf_counter() - start)
+                self._forward(cache, graphs, x0, zero_t, cross_kv, recache=True)
+                self._seen_signatures.add(cache.signature)
+                if block + 1 < num_blocks:
+                    cache.start_retrieval()   # overlaps with the recache pass on CUDA
+            yield BlockOutput(block, (block * f, (block + 1) * f), x0, log, time.perf_counter() - start)
 
     def generate(self, num_frames: int, text: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  renoise: Sequence[torch.Tensor] | None = None, seed: int | None = None,
@@ -220,8 +255,8 @@ class Engine:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return GenerationResult(torch.cat([o.latents for o in outputs], dim=1), [o.log for o in outputs],
-                                [o.seconds for o in outputs])
+        latents = torch.cat([o.latents for o in outputs], dim=1).to("cpu", torch.float32)
+        return GenerationResult(latents, [o.log for o in outputs], [o.seconds for o in outputs])
 
     def describe(self) -> dict:
         """A summary of what this engine runs (printed by the CLI)."""

@@ -9,6 +9,7 @@ per block, not again for each layer's denoising steps, and no forward copies the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -44,8 +45,11 @@ class BlockAttention:
     window_k: torch.Tensor | None = None    # [L, B, W, N, H, D]
     window_v: torch.Tensor | None = None
     block_slots: torch.Tensor | None = None  # [F] int64 slots of the block
+    refetch: Callable[[int], None] | None = None  # baseline: reload retrieved K/V per layer
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.refetch is not None:
+            self.refetch(layer)
         n_block = q.shape[1]
         end = self.context_frames * self.context.tokens_per_frame
         start = end - n_block

@@ -7,6 +7,8 @@ This is the seam another AR backbone uses to get LongLive-RAG memory:
         log = cache.begin_block(frames)                 # search, evict, splice
         for each forward: out = backbone(x, attn=cache.attention(recache=...))
         cache.end_block(clean_frames)                   # descriptors of the new frames
+        cache.start_retrieval()                         # optional: search for the next
+                                                        # block now, on a side stream
 
 ``attention(...)`` returns a callable ``(layer, q, k, v) -> out`` with q, k, v
 ``[B, F*N, H, D]`` (q, k un-rotated); RoPE positions are the cache's business.
@@ -20,8 +22,9 @@ import torch
 from ..attention.backend import AttendFn
 from ..attention.context import BlockAttention, ContextBuffer, block_rope
 from ..config import MemoryConfig
-from ..ops.rope import RopeTables
+from ..ops.rope import RopeTables, apply_rope_ref
 from ..ops.splice import splice
+from ..runtime.transfer import index_tensor
 from .history import HistoryStore
 from .retrieval import BlockLog, Descriptor, RetrievalResult, make_log, retrieve
 from .window import BlockPlacement, WindowCache
@@ -31,7 +34,8 @@ class RetrievalCache:
     def __init__(self, memory: MemoryConfig, num_layers: int, batch: int, tokens_per_frame: int,
                  num_heads: int, head_dim: int, descriptor: Descriptor, tables: RopeTables,
                  attend: AttendFn, dtype: torch.dtype, device: torch.device | str,
-                 kernels: str = "auto", history: HistoryStore | None = None) -> None:
+                 kernels: str = "auto", history: HistoryStore | None = None,
+                 refetch_per_forward: bool = False) -> None:
         self.memory = memory
         self.batch = batch
         self.descriptor = descriptor
@@ -39,36 +43,74 @@ class RetrievalCache:
         self.attend = attend
         self.kernels = kernels
         self.device = torch.device(device)
-        dims = dict(num_heads=num_heads, head_dim=head_dim, dtype=dtype, device=device)
+        dims = dict(num_heads=num_heads, head_dim=head_dim, dtype=dtype)
         self.window = WindowCache(num_layers, batch, memory.window, memory.sink, tokens_per_frame,
-                                  descriptor_dim=descriptor.dim, **dims)
+                                  descriptor_dim=descriptor.dim, device=device, **dims)
+        # The per-forward refetch baseline keeps the history in host memory, like the
+        # public reference it reproduces.
+        history_device = "cpu" if refetch_per_forward else device
         self.history = history if history is not None else HistoryStore(
-            num_layers, batch, tokens_per_frame, descriptor_dim=descriptor.dim,
+            num_layers, batch, tokens_per_frame, descriptor_dim=descriptor.dim, device=history_device,
             gpu_budget_bytes=memory.gpu_budget_bytes, overflow_policy=memory.overflow_policy, **dims)
-        self.context = ContextBuffer(num_layers, batch, memory.window, tokens_per_frame, **dims)
+        self.context = ContextBuffer(num_layers, batch, memory.window, tokens_per_frame, device=device, **dims)
+        self.refetch_per_forward = refetch_per_forward
         self.query: torch.Tensor | None = None          # [B, Dd] descriptor of the newest frame
         self.block_index = 0
+        self.signature: tuple = ()
         self._placement: BlockPlacement | None = None
         self._context_frames = 0
-        self._block_positions: list[int] = []
-        self._block_slots: torch.Tensor | None = None
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Persistent device buffers, updated in place, so that captured graphs see them.
+        self.block_slots = torch.zeros(memory.frames_per_block, dtype=torch.int64, device=self.device)
+        self._rope: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._block_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._refetch: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._pending: tuple[RetrievalResult, torch.cuda.Event | None] | None = None
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._descriptors_ready = torch.cuda.Event() if self._side_stream is not None else None
+
+    # ------------------------------------------------------------------ retrieval
+    def _search(self) -> RetrievalResult:
+        mem = self.memory
+        if self.query is None or mem.top_k == 0:
+            empty = torch.empty(self.batch, 0, device=self.device)
+            return RetrievalResult(empty.long(), empty.float(), 0)
+        keys = self.history.descriptors().to(self.device, non_blocking=True)
+        norms = self.history.descriptor_norms().to(self.device, non_blocking=True)
+        return retrieve(self.query, keys, norms, mem.top_k, mem.recency_guard, self.kernels)
+
+    def start_retrieval(self) -> None:
+        """Run the next block's search now (after ``end_block``). On CUDA it goes to a side
+        stream, so it overlaps with whatever the caller enqueues next (the recache pass)."""
+        if self._side_stream is None or self.query is None:
+            self._pending = (self._search(), None)
+            return
+        # Wait for the descriptors only, not for work enqueued after end_block.
+        self._side_stream.wait_event(self._descriptors_ready)
+        self.query.record_stream(self._side_stream)
+        with torch.cuda.stream(self._side_stream):
+            result = self._search()
+            done = torch.cuda.Event()
+            done.record(self._side_stream)
+        self._pending = (result, done)
 
     # ------------------------------------------------------------------ block start
     def begin_block(self, frames: int) -> Callable[[], BlockLog]:
-        """Search the history, evict what the block pushes out, splice the context.
-
-        Returns a deferred log (call it to read the block's retrieval log on the host).
-        """
-        mem = self.memory
-        if self.query is not None and mem.top_k > 0:
-            result = retrieve(self.query, self.history.descriptors(), self.history.descriptor_norms(),
-                              mem.top_k, mem.recency_guard, self.kernels)
-        else:
-            empty = torch.empty(self.batch, 0, device=self.device)
-            result = RetrievalResult(empty.long(), empty.float(), 0)
+        """Search the history (unless ``start_retrieval`` already did), evict what the block
+        pushes out, splice the context. Returns a deferred log: call it to read the block's
+        retrieval log on the host."""
+        if frames != self.memory.frames_per_block:
+            raise ValueError(f"begin_block: frames must be frames_per_block={self.memory.frames_per_block}, "
+                             f"got {frames}")
+        if self._pending is None:
+            self.start_retrieval()
+        result, done = self._pending
+        self._pending = None
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+            for tensor in (result.index, result.scores):
+                tensor.record_stream(torch.cuda.current_stream(self.device))
         # Global id of history frame i, fixed before this block's evictions.
-        frame_offset = mem.sink + self.history.dropped_frames
+        frame_offset = self.memory.sink + self.history.dropped_frames
         first = self.window.next_frame
         log = make_log(self.block_index, (first, first + frames),
                        first - 1 if self.query is not None else None, result, frame_offset)
@@ -89,27 +131,46 @@ class RetrievalCache:
         block_frames = {f.frame for f in placement.block}
         position = {f.frame: i for i, f in enumerate(order)}
         sinks = [f for f in order[: mem.sink] if f.frame not in block_frames]
-        local_budget = mem.window - mem.sink - (result.count if mem.widen_local_until_memory else mem.top_k)
+        r = result.count
+        local_budget = mem.window - mem.sink - (r if mem.widen_local_until_memory else mem.top_k)
         non_sink = list(order[mem.sink:])
         local = [f for f in non_sink[max(0, len(non_sink) - local_budget):] if f.frame not in block_frames]
-        r = result.count
         self._context_frames = len(sinks) + r + len(local) + len(placement.block)
 
         slots = [f.slot for f in sinks] + [-1] * r + [f.slot for f in local]
         positions = [position[f.frame] for f in sinks] + [0] * r + [position[f.frame] for f in local]
-        pos_t = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        block_positions = tuple(position[f.frame] for f in placement.block)
+        self.signature = (len(sinks), r, len(local), block_positions)
+        pos_t = index_tensor(positions, self.device)
         if slots:
             pool_k, pool_v = self.window.page_pools()
             splice(pool_k, pool_v, self.window.page_ids(slots), pos_t, self.tables,
                    self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
+        self._refetch = None
         if r:
-            pages = self.history.page_ids(result.index)
-            splice(self.history.pool_k, self.history.pool_v, pages, pos_t[len(sinks):len(sinks) + r],
-                   self.tables, self.context.k, self.context.v, frame_offset=len(sinks), mode=self.kernels)
-        self._block_positions = [position[f.frame] for f in placement.block]
-        self._block_slots = torch.tensor([f.slot for f in placement.block], dtype=torch.int64,
-                                         device=self.device)
-        self._rope = block_rope(self.tables, self._block_positions, self.device)
+            pages = self.history.page_ids(result.index.to(self.history.pool_k.device))
+            if self.refetch_per_forward:
+                self._refetch = (pages, result.index, len(sinks))
+            else:
+                splice(self.history.pool_k, self.history.pool_v, pages, pos_t[len(sinks):len(sinks) + r],
+                       self.tables, self.context.k, self.context.v, frame_offset=len(sinks),
+                       mode=self.kernels)
+        self.block_slots.copy_(index_tensor([f.slot for f in placement.block], self.device))
+        if block_positions not in self._rope:
+            self._rope[block_positions] = block_rope(self.tables, list(block_positions), self.device)
+        self._block_rope = self._rope[block_positions]
+
+    def _refetch_layer(self, layer: int) -> None:
+        """Baseline: bring this layer's retrieved K/V from host memory into the context."""
+        pages, _, offset = self._refetch
+        n = self.context.tokens_per_frame
+        b, r = pages.shape[1:]
+        k = self.history.pool_k[pages[layer].flatten()].to(self.device, non_blocking=True)
+        v = self.history.pool_v[pages[layer].flatten()].to(self.device, non_blocking=True)
+        cos, sin = self.tables.frame_cos_sin(torch.zeros(1, dtype=torch.int64))
+        span = slice(offset * n, (offset + r) * n)
+        self.context.k[layer][:, span] = apply_rope_ref(k, cos, sin).view(b, r * n, *k.shape[2:])
+        self.context.v[layer][:, span] = v.view(b, r * n, *v.shape[2:])
 
     # ------------------------------------------------------------------ forwards
     def attention(self, recache: bool) -> BlockAttention:
@@ -117,16 +178,19 @@ class RetrievalCache:
         pass (``recache=True``) also stores the block's K/V into the window."""
         if self._placement is None:
             raise RuntimeError("RetrievalCache.attention called before begin_block")
-        cos, sin = self._rope
-        window = dict(window_k=self.window.k, window_v=self.window.v, block_slots=self._block_slots) \
+        cos, sin = self._block_rope
+        window = dict(window_k=self.window.k, window_v=self.window.v, block_slots=self.block_slots) \
             if recache else {}
-        return BlockAttention(self.context, self._context_frames, cos, sin, self.attend, **window)
+        refetch = self._refetch_layer if self._refetch is not None else None
+        return BlockAttention(self.context, self._context_frames, cos, sin, self.attend, refetch=refetch,
+                              **window)
 
     # ------------------------------------------------------------------ block end
     def end_block(self, clean: torch.Tensor) -> None:
         """clean [B, F, C, H, W]: the block's output; its descriptors index the frames."""
         b, f = clean.shape[:2]
         desc = self.descriptor(clean.flatten(0, 1)).float().view(b, f, -1)
-        self.window.descriptors.index_copy_(1, self._block_slots, desc)
+        self.window.descriptors.index_copy_(1, self.block_slots, desc)
         self.query = desc[:, -1]
-        self._placement = None
+        if self._descriptors_ready is not None:
+            self._descriptors_ready.record()

@@ -1,0 +1,20 @@
+"""Host-to-device index transfers that never stall the host.
+
+A plain ``torch.tensor(values, device="cuda")`` copies from pageable memory, which
+blocks the host until the device queue reaches the copy. Staging through pinned
+memory from torch's caching host allocator makes the copy asynchronous, and the
+allocator keeps the staging block alive until the copy has run.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 tensor of ``values`` on ``device``, copied asynchronously on CUDA."""
+    host = torch.tensor(list(values), dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
