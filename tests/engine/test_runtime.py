@@ -21,8 +21,8 @@ def test_static_buffer_forwards_match_eager():
     torch.testing.assert_close(static.latents, eager.latents, rtol=0, atol=0)
     assert [e.to_dict() for e in static.log] == [e.to_dict() for e in eager.log]
     assert any(sel for e in static.log for sel in e.selected)
-    # steady state = one signature, served by one denoising and one recache forward
-    assert len(engine.graphs) == 2
+    # every context shape seen twice got a denoising and a recache static forward
+    assert len(engine.graphs) >= 2 and len(engine.graphs) % 2 == 0
 
 
 def test_per_forward_refetch_baseline_matches():
