@@ -46,6 +46,8 @@ def _add_generate(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     p.add_argument("--checkpoint", help="model weights (.pt/.safetensors); default: seeded random weights")
+    p.add_argument("--checkpoint-key", help="checkpoint entry: generator, generator_ema, model or bare "
+                                            "(default: generator_ema, else generator, else model)")
     p.add_argument("--lora", help="LoRA weights (peft naming) merged into the checkpoint")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the LoRA rank)")
     p.add_argument("--text", help="text embedding file [L, text_dim] or [B, L, text_dim]; "
@@ -84,7 +86,7 @@ def cmd_generate(args) -> int:
                             attention_backend=args.attention)
     text = read_text_embedding(args.text) if args.text else None
     engine = Engine(ModelConfig.preset(args.preset), memory, runtime, checkpoint=args.checkpoint,
-                    lora=args.lora, lora_alpha=args.lora_alpha, encoder=args.encoder, seed=args.seed)
+                    lora=args.lora, lora_alpha=args.lora_alpha, checkpoint_key=args.checkpoint_key, encoder=args.encoder, seed=args.seed)
     weights = args.checkpoint or f"random weights (seed {args.seed})"
     print(f"lrag-engine generate: preset {args.preset}, weights: {weights}, "
           f"text: {args.text or 'fixed random embedding (seed 0)'}")

@@ -74,6 +74,8 @@ class Engine:
     model: a ModelConfig or the name of a preset ("tiny", "wan2.1-t2v-1.3b").
     checkpoint / lora: weight files (.pt / .safetensors); without a checkpoint the
         weights are random, drawn from ``seed``.
+    checkpoint_key: which entry of the checkpoint to load ("generator", "generator_ema",
+        "model", "bare"); default: generator_ema, else generator, else model, else bare.
     encoder: a retrieval encoder checkpoint; when given, descriptors come from it
         (``memory.descriptor`` becomes "encoder").
     """
@@ -81,6 +83,7 @@ class Engine:
     def __init__(self, model: ModelConfig | str = "tiny", memory: MemoryConfig | None = None,
                  runtime: RuntimeConfig | None = None, checkpoint: str | Path | None = None,
                  lora: str | Path | None = None, lora_alpha: float | None = None,
+                 checkpoint_key: str | None = None,
                  encoder: str | Path | None = None, descriptor: Descriptor | None = None,
                  seed: int = 0) -> None:
         self.model_config = ModelConfig.preset(model) if isinstance(model, str) else model
@@ -102,9 +105,11 @@ class Engine:
 
         self.model = WanModel(self.model_config, dtype=self.dtype, device=self.device,
                               attention_backend=self.attend, seed=seed).eval()
+        self.model.check_finite = False   # inputs are validated once in _prepare
         self.load_report: LoadReport | None = None
         if checkpoint is not None:
-            self.load_report = load_weights(self.model, checkpoint, lora_path=lora, lora_alpha=lora_alpha)
+            self.load_report = load_weights(self.model, checkpoint, lora_path=lora, lora_alpha=lora_alpha,
+                                            key=checkpoint_key)
         elif lora is not None:
             raise ValueError("a LoRA file needs a base checkpoint (checkpoint=...)")
 
