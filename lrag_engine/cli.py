@@ -86,7 +86,8 @@ def cmd_generate(args) -> int:
                             attention_backend=args.attention)
     text = read_text_embedding(args.text) if args.text else None
     engine = Engine(ModelConfig.preset(args.preset), memory, runtime, checkpoint=args.checkpoint,
-                    lora=args.lora, lora_alpha=args.lora_alpha, checkpoint_key=args.checkpoint_key, encoder=args.encoder, seed=args.seed)
+                    checkpoint_key=args.checkpoint_key, lora=args.lora, lora_alpha=args.lora_alpha,
+                    encoder=args.encoder, seed=args.seed)
     weights = args.checkpoint or f"random weights (seed {args.seed})"
     print(f"lrag-engine generate: preset {args.preset}, weights: {weights}, "
           f"text: {args.text or 'fixed random embedding (seed 0)'}")
