@@ -113,7 +113,8 @@ class RetrievalCache:
         frame_offset = self.memory.sink + self.history.dropped_frames
         first = self.window.next_frame
         log = make_log(self.block_index, (first, first + frames),
-                       first - 1 if self.query is not None else None, result, frame_offset)
+                       first - 1 if self.query is not None and self.memory.top_k > 0 else None,
+                       result, frame_offset)
 
         placement = self.window.plan_block(frames)
         if placement.evicted:
