@@ -39,6 +39,8 @@ def _relative(paths: list[str]) -> list[str]:
 
 def _extensions(cuda_home: str | None) -> list:
     if Pybind11Extension is None:
+        warnings.warn("lrag_engine: pybind11 is not importable; the paged-memory extension lrag_engine._C "
+                      "is not built (history falls back to the torch store)")
         return []
     sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp"))) + ["csrc/bindings.cpp"]
     ext = Pybind11Extension("lrag_engine._C", sources, include_dirs=["csrc"], cxx_std=17,

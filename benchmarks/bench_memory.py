@@ -1,0 +1,203 @@
+"""Paged history memory benchmarks.
+
+CPU (always): page allocate/free throughput of the C++ tables, with and without spills,
+and the plan cost of a prefetch. CUDA (when a device is usable): host-to-device prefetch
+bandwidth of PagedHistoryStore against a measured pinned torch copy of the same bytes.
+
+    python benchmarks/bench_memory.py [--out benchmarks/results] [--quick]
+    pytest benchmarks/bench_memory.py          # pytest-benchmark view of the CPU figures
+
+Writes ``<out>/memory-<device>-<date>.json`` with the device, commit and date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lrag_engine.memory import _ext  # noqa: E402
+
+WAN_PAGE = (1560, 12, 128)  # tokens per latent frame, heads, head dim at Wan 1.3B / 480x832
+
+
+def alloc_free_cycle(mem, streams: list[int], frames: int) -> None:
+    """Allocates ``frames`` frames on every stream, then frees them (oldest first)."""
+    mem.append(streams, frames)
+    mem.drop_oldest(streams, frames)
+
+
+def make_tables(layers: int, batch: int, gpu_frames: int, host_frames: int):
+    mem = _ext.load().PagedMemory(layers, gpu_frames * batch * layers, host_frames * batch * layers)
+    return mem, [mem.create_stream() for _ in range(batch)]
+
+
+def cpu_figures(layers: int = 30, batch: int = 1, frames: int = 3, reps: int = 200) -> dict:
+    """Pages per second through append+drop (no spill) and append with spills to the host
+    tier, and prefetch plans per second; medians over ``reps`` timed calls."""
+    out = {}
+    mem, streams = make_tables(layers, batch, gpu_frames=4 * frames, host_frames=0)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        alloc_free_cycle(mem, streams, frames)
+        times.append(time.perf_counter() - t0)
+    pages = 2 * frames * batch * layers  # allocated + freed
+    out["alloc_free_pages_per_s"] = pages / statistics.median(times)
+    out["alloc_free_cycle_us"] = 1e6 * statistics.median(times)
+
+    # GPU tier of `frames` frames: every append spills the previous frames to the host.
+    mem, streams = make_tables(layers, batch, gpu_frames=frames, host_frames=frames * (reps + 2))
+    mem.append(streams, frames)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mem.append(streams, frames)
+        times.append(time.perf_counter() - t0)
+    out["append_with_spill_pages_per_s"] = frames * batch * layers / statistics.median(times)
+
+    # Prefetch of K=frames host frames into a full GPU tier (each evicts as many).
+    times = []
+    n = mem.num_frames(streams[0])
+    for i in range(reps):
+        picks = [(3 * i + j) % (n - frames) for j in range(frames)]
+        t0 = time.perf_counter()
+        mem.prefetch([streams[0]] * frames, picks)
+        times.append(time.perf_counter() - t0)
+    out["prefetch_plan_us"] = 1e6 * statistics.median(times)
+    out["shape"] = dict(layers=layers, batch=batch, frames_per_call=frames, reps=reps)
+    return out
+
+
+def cuda_figures(page_shape=WAN_PAGE, layers: int = 30, frames: int = 2, reps: int = 10) -> dict:
+    """Host-to-device prefetch bandwidth (K and V pages of ``frames`` frames x ``layers``)
+    against one pinned copy of the same bytes, both timed with CUDA events (median)."""
+    from lrag_engine.memory.paged import PagedHistoryStore
+    dtype, dev = torch.bfloat16, torch.device("cuda")
+    slot_bytes = 2 * page_shape[0] * page_shape[1] * page_shape[2] * dtype.itemsize
+    frame_bytes = layers * slot_bytes
+    store = PagedHistoryStore(layers, 1, *page_shape, descriptor_dim=16, dtype=dtype, device=dev,
+                              gpu_budget_bytes=frames * frame_bytes, host_budget_bytes=6 * frames * frame_bytes)
+    # The oldest frames end on the host tier, which keeps free slots so that evictions
+    # go straight to it (no swap staging).
+    for _ in range(5 * frames):
+        kv = torch.randn(layers, 1, 1, *page_shape, device=dev, dtype=dtype)
+        store.append(kv, kv, torch.randn(1, 1, 16, device=dev))
+    torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()  # warm-up
+        samples = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(samples)
+
+    # Alternate two disjoint frame sets so that every call loads `frames` frames from the host.
+    sets = [torch.arange(frames).view(1, -1), torch.arange(frames, 2 * frames).view(1, -1)]
+    state = {"i": 0}
+
+    def prefetch():
+        store.prefetch(sets[state["i"] % 2])
+        state["i"] += 1
+
+    moved = 2 * frames * frame_bytes  # loads + evictions of equal size
+    t_prefetch = timed(prefetch)
+    host = torch.empty(frames * frame_bytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(host, device=dev)
+    t_h2d = timed(lambda: dst.copy_(host, non_blocking=True))
+    back = torch.empty_like(host)
+    t_d2h = timed(lambda: back.copy_(dst, non_blocking=True))
+    pinned_ref = 2 * frames * frame_bytes / (t_h2d + t_d2h)  # same bytes, one copy each way
+    pages = frames * layers
+    raw = {}
+    if store._raw_copies:
+        # Load-only path: the extension's batched cudaMemcpyAsync, host slots -> GPU slots.
+        ext, stream = _ext.load(), torch.cuda.current_stream().cuda_stream
+        src = list(range(0, 2 * pages, 2))  # every other host slot: no run merging
+        dst = list(range(pages))
+        t_raw = timed(lambda: ext.copy_pages(store.pool_k.data_ptr(), dst, store.host_k.data_ptr(), src,
+                                             store.page_bytes, stream, torch.cuda.current_device()))
+        raw = {"raw_h2d_pages_GBps": pages * store.page_bytes / t_raw / 1e9,
+               "raw_h2d_fraction_of_pinned": (pages * store.page_bytes / t_raw) / (frames * frame_bytes / t_h2d)}
+    return {**raw,
+        "device": torch.cuda.get_device_name(),
+        "raw_cuda_copies": store._raw_copies,
+        "page_shape": list(page_shape), "layers": layers, "frames_per_prefetch": frames,
+        "prefetch_bytes_moved": moved,
+        "prefetch_s": t_prefetch, "prefetch_GBps": moved / t_prefetch / 1e9,
+        "pinned_h2d_GBps": frames * frame_bytes / t_h2d / 1e9,
+        "pinned_d2h_GBps": frames * frame_bytes / t_d2h / 1e9,
+        "pinned_h2d_plus_d2h_GBps": pinned_ref / 1e9,
+        "prefetch_fraction_of_pinned": (moved / t_prefetch) / pinned_ref,
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="directory for the JSON result")
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    args = parser.parse_args(argv)
+    _ext.load()
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": _commit(), "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+              "extension_with_cuda": _ext.load().with_cuda}
+    result["cpu_tables"] = cpu_figures(layers=4, frames=2, reps=20) if args.quick else cpu_figures()
+    cuda_reason = "no CUDA device visible to torch" if not torch.cuda.is_available() else None
+    if cuda_reason is None:
+        result["cuda"] = cuda_figures(page_shape=(16, 2, 64), layers=2, reps=3) if args.quick else cuda_figures()
+    else:
+        result["cuda"] = {"skipped": cuda_reason}
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        device = result["cuda"].get("device", "cpu").replace(" ", "-")
+        path = args.out / f"memory-{device}-{result['date'][:10]}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return result
+
+
+# ---- pytest-benchmark views (pytest benchmarks/bench_memory.py) ------------------------
+
+def test_bench_alloc_free(benchmark):
+    mem, streams = make_tables(layers=30, batch=1, gpu_frames=12, host_frames=0)
+    benchmark(alloc_free_cycle, mem, streams, 3)
+    mem.check_invariants()
+
+
+def test_bench_append_with_spill(benchmark):
+    mem, streams = make_tables(layers=30, batch=1, gpu_frames=3, host_frames=3)
+
+    def cycle():
+        mem.append(streams, 3)       # spills the previous 3 frames
+        mem.drop_oldest(streams, 3)  # frees them from the host tier
+
+    mem.append(streams, 3)
+    benchmark(cycle)
+    mem.check_invariants()
+
+
+if __name__ == "__main__":
+    main()
