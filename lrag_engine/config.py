@@ -164,6 +164,9 @@ class MemoryConfig:
                              f"got {self.overflow_policy!r}")
         if self.history_tier not in HISTORY_TIERS:
             raise ValueError(f"MemoryConfig.history_tier must be one of {HISTORY_TIERS}, got {self.history_tier!r}")
+        if self.history_tier == "host" and self.host_budget_bytes is None:
+            raise ValueError("MemoryConfig.history_tier='host' needs host_budget_bytes (the pinned host tier "
+                             "is allocated up front)")
         for name in ("gpu_budget_bytes", "host_budget_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):

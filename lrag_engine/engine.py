@@ -95,6 +95,7 @@ class Engine:
             raise ValueError(f"device {self.runtime.device!r} requested but CUDA is not available")
         self.seed = seed
         self.graphs: GraphCache | None = None
+        self.cache: RetrievalCache | None = None
         self.attention_backend, self.attend = get_backend(self.runtime.attention_backend, self.device, self.dtype)
         if self.runtime.cuda_graphs and self.runtime.retrieval_fetch == "per_forward":
             raise ValueError("RuntimeConfig: cuda_graphs cannot be combined with retrieval_fetch='per_forward' "
@@ -208,6 +209,7 @@ class Engine:
         cache = RetrievalCache(mem, cfg.num_layers, batch, cfg.tokens_per_frame, cfg.num_heads,
                                cfg.head_dim, self.descriptor, self.tables, self.attend, self.dtype,
                                self.device, kernels=rt.kernels, refetch_per_forward=refetch)
+        self.cache = cache   # the last run's memory, for inspection
         graphs = GraphCache(capture=self.device.type == "cuda") if rt.cuda_graphs else None
         self.graphs = graphs   # the last run's static forwards, for inspection
         self._seen_signatures: set[tuple] = set()
@@ -272,6 +274,8 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""),
             "attention_backend": self.attention_backend,
             "kernels": self.runtime.kernels,
+            "cuda_graphs": self.runtime.cuda_graphs,
+            "retrieval_fetch": self.runtime.retrieval_fetch,
             "timesteps": list(self.schedule.timesteps),
             "descriptor": type(self.descriptor).__name__,
             "parameters": sum(p.numel() for p in self.model.parameters()),

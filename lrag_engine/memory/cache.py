@@ -15,6 +15,7 @@ This is the seam another AR backbone uses to get LongLive-RAG memory:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,8 +27,21 @@ from ..ops.rope import RopeTables, apply_rope_ref
 from ..ops.splice import splice
 from ..runtime.transfer import index_tensor
 from .history import HistoryStore
+from .paged import PagedHistoryStore, make_history_store
 from .retrieval import BlockLog, Descriptor, RetrievalResult, make_log, retrieve
 from .window import BlockPlacement, WindowCache
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Context layout of one block: [sinks | retrieved | local | block]."""
+
+    sinks: int
+    retrieved: int
+    local: int
+    slots: list[int]            # window slot of each non-block context frame, -1 = retrieved
+    positions: list[int]        # RoPE temporal index of each non-block context frame
+    block_positions: tuple[int, ...]
 
 
 class RetrievalCache:
@@ -46,12 +60,8 @@ class RetrievalCache:
         dims = dict(num_heads=num_heads, head_dim=head_dim, dtype=dtype)
         self.window = WindowCache(num_layers, batch, memory.window, memory.sink, tokens_per_frame,
                                   descriptor_dim=descriptor.dim, device=device, **dims)
-        # The per-forward refetch baseline keeps the history in host memory, like the
-        # public reference it reproduces.
-        history_device = "cpu" if refetch_per_forward else device
-        self.history = history if history is not None else HistoryStore(
-            num_layers, batch, tokens_per_frame, descriptor_dim=descriptor.dim, device=history_device,
-            gpu_budget_bytes=memory.gpu_budget_bytes, overflow_policy=memory.overflow_policy, **dims)
+        self.history = history if history is not None else self._make_history(
+            num_layers, tokens_per_frame, refetch_per_forward, dims)
         self.context = ContextBuffer(num_layers, batch, memory.window, tokens_per_frame, device=device, **dims)
         self.refetch_per_forward = refetch_per_forward
         self.query: torch.Tensor | None = None          # [B, Dd] descriptor of the newest frame
@@ -68,6 +78,26 @@ class RetrievalCache:
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._descriptors_ready = torch.cuda.Event() if self._side_stream is not None else None
 
+    def _make_history(self, num_layers: int, tokens_per_frame: int, refetch_per_forward: bool,
+                      dims: dict) -> HistoryStore | PagedHistoryStore:
+        mem = self.memory
+        common = dict(num_layers=num_layers, batch=self.batch, tokens_per_frame=tokens_per_frame,
+                      descriptor_dim=self.descriptor.dim, overflow_policy=mem.overflow_policy, **dims)
+        if refetch_per_forward:
+            # The baseline keeps the history in host memory, like the public reference it
+            # reproduces, and reads it again in every forward.
+            return HistoryStore(device="cpu", gpu_budget_bytes=mem.host_budget_bytes, **common)
+        if mem.history_tier == "host":
+            # Every history frame lives in the pinned host tier; the device pool only
+            # stages the frames retrieved for a block and the frames being evicted.
+            frame_bytes = 2 * num_layers * self.batch * tokens_per_frame * dims["num_heads"] * \
+                dims["head_dim"] * dims["dtype"].itemsize
+            staging = (mem.top_k + mem.frames_per_block) * frame_bytes
+            return make_history_store("paged", device=self.device, gpu_budget_bytes=staging,
+                                      host_budget_bytes=mem.host_budget_bytes, **common)
+        return make_history_store("auto", device=self.device, gpu_budget_bytes=mem.gpu_budget_bytes,
+                                  host_budget_bytes=mem.host_budget_bytes, **common)
+
     # ------------------------------------------------------------------ retrieval
     def _search(self) -> RetrievalResult:
         mem = self.memory
@@ -76,7 +106,12 @@ class RetrievalCache:
             return RetrievalResult(empty.long(), empty.float(), 0)
         keys = self.history.descriptors().to(self.device, non_blocking=True)
         norms = self.history.descriptor_norms().to(self.device, non_blocking=True)
-        return retrieve(self.query, keys, norms, mem.top_k, mem.recency_guard, self.kernels)
+        result = retrieve(self.query, keys, norms, mem.top_k, mem.recency_guard, self.kernels)
+        if result.count:
+            # Resolving pages makes them resident (a host-tier prefetch), here on the side
+            # stream when called from start_retrieval.
+            result.pages = self.history.page_ids(result.index.to(self.history.pool_k.device))
+        return result
 
     def start_retrieval(self) -> None:
         """Run the next block's search now (after ``end_block``). On CUDA it goes to a side
@@ -107,8 +142,9 @@ class RetrievalCache:
         self._pending = None
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
-            for tensor in (result.index, result.scores):
-                tensor.record_stream(torch.cuda.current_stream(self.device))
+            for tensor in (result.index, result.scores, result.pages):
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream(self.device))
         # Global id of history frame i, fixed before this block's evictions.
         frame_offset = self.memory.sink + self.history.dropped_frames
         first = self.window.next_frame
@@ -117,53 +153,60 @@ class RetrievalCache:
                        result, frame_offset)
 
         placement = self.window.plan_block(frames)
+        layout = self._layout(placement, result.count)
+        # Retrieved pages are spliced before this block's evictions enter the history, so
+        # an append that spills pages can never move them under the splice.
+        self._splice_retrieved(layout, result)
         if placement.evicted:
             k, v, desc = self.window.gather(placement.evicted)
             self.history.append(k, v, desc)   # may raise before the window changes
         self.window.commit(placement)
         self._placement = placement
-        self._splice(placement, result)
+        self._splice_window(layout, placement)
         self.block_index += 1
         return log
 
-    def _splice(self, placement: BlockPlacement, result: RetrievalResult) -> None:
+    def _layout(self, placement: BlockPlacement, retrieved: int) -> _Layout:
+        """Which window frames the context holds, and at which RoPE positions."""
         mem = self.memory
         order = placement.order
         block_frames = {f.frame for f in placement.block}
         position = {f.frame: i for i, f in enumerate(order)}
         sinks = [f for f in order[: mem.sink] if f.frame not in block_frames]
-        r = result.count
-        local_budget = mem.window - mem.sink - (r if mem.widen_local_until_memory else mem.top_k)
+        local_budget = mem.window - mem.sink - (retrieved if mem.widen_local_until_memory else mem.top_k)
         non_sink = list(order[mem.sink:])
         local = [f for f in non_sink[max(0, len(non_sink) - local_budget):] if f.frame not in block_frames]
-        self._context_frames = len(sinks) + r + len(local) + len(placement.block)
-
-        slots = [f.slot for f in sinks] + [-1] * r + [f.slot for f in local]
-        positions = [position[f.frame] for f in sinks] + [0] * r + [position[f.frame] for f in local]
+        slots = [f.slot for f in sinks] + [-1] * retrieved + [f.slot for f in local]
+        positions = [position[f.frame] for f in sinks] + [0] * retrieved + [position[f.frame] for f in local]
         block_positions = tuple(position[f.frame] for f in placement.block)
-        self.signature = (len(sinks), r, len(local), block_positions)
-        pos_t = index_tensor(positions, self.device)
-        if slots:
-            pool_k, pool_v = self.window.page_pools()
-            splice(pool_k, pool_v, self.window.page_ids(slots), pos_t, self.tables,
-                   self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
+        return _Layout(len(sinks), retrieved, len(local), slots, positions, block_positions)
+
+    def _splice_retrieved(self, layout: _Layout, result: RetrievalResult) -> None:
         self._refetch = None
-        if r:
-            pages = self.history.page_ids(result.index.to(self.history.pool_k.device))
-            if self.refetch_per_forward:
-                self._refetch = (pages, result.index, len(sinks))
-            else:
-                splice(self.history.pool_k, self.history.pool_v, pages, pos_t[len(sinks):len(sinks) + r],
-                       self.tables, self.context.k, self.context.v, frame_offset=len(sinks),
-                       mode=self.kernels)
+        if not layout.retrieved:
+            return
+        if self.refetch_per_forward:
+            self._refetch = (result.pages, layout.sinks)
+            return
+        zeros = torch.zeros(layout.retrieved, dtype=torch.int64, device=self.device)
+        splice(self.history.pool_k, self.history.pool_v, result.pages, zeros, self.tables,
+               self.context.k, self.context.v, frame_offset=layout.sinks, mode=self.kernels)
+
+    def _splice_window(self, layout: _Layout, placement: BlockPlacement) -> None:
+        self._context_frames = layout.sinks + layout.retrieved + layout.local + len(placement.block)
+        self.signature = (layout.sinks, layout.retrieved, layout.local, layout.block_positions)
+        if layout.sinks + layout.local:
+            pool_k, pool_v = self.window.page_pools()
+            splice(pool_k, pool_v, self.window.page_ids(layout.slots), index_tensor(layout.positions, self.device),
+                   self.tables, self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
         self.block_slots.copy_(index_tensor([f.slot for f in placement.block], self.device))
-        if block_positions not in self._rope:
-            self._rope[block_positions] = block_rope(self.tables, list(block_positions), self.device)
-        self._block_rope = self._rope[block_positions]
+        if layout.block_positions not in self._rope:
+            self._rope[layout.block_positions] = block_rope(self.tables, list(layout.block_positions), self.device)
+        self._block_rope = self._rope[layout.block_positions]
 
     def _refetch_layer(self, layer: int) -> None:
         """Baseline: bring this layer's retrieved K/V from host memory into the context."""
-        pages, _, offset = self._refetch
+        pages, offset = self._refetch
         n = self.context.tokens_per_frame
         b, r = pages.shape[1:]
         k = self.history.pool_k[pages[layer].flatten()].to(self.device, non_blocking=True)

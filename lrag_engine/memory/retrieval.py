@@ -54,6 +54,7 @@ class RetrievalResult:
     index: torch.Tensor
     scores: torch.Tensor
     eligible: int
+    pages: torch.Tensor | None = None   # [L, B, r] history page ids, resident on the device
 
     @property
     def count(self) -> int:

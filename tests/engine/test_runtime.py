@@ -41,3 +41,24 @@ def test_stream_outputs_are_lazy_and_complete():
     blocks = list(engine.stream(FRAMES, seed=7))
     assert all(b.latents.device.type == "cpu" and b.latents.shape[1] == 3 for b in blocks)
     assert [b.log.block for b in blocks] == list(range(FRAMES // 3))
+
+
+def test_host_tier_history_matches_device_history():
+    from lrag_engine.memory._ext import extension_available
+    if not extension_available():
+        pytest.skip("the paged-memory extension is not built")
+    _, eager = _run()
+    frame_bytes = 2 * TINY.num_layers * TINY.tokens_per_frame * TINY.dim * 4
+    engine = Engine(TINY, MemoryConfig(**MEMORY, history_tier="host", host_budget_bytes=FRAMES * frame_bytes),
+                    RuntimeConfig(kernels="reference"), seed=4)
+    host = engine.generate(FRAMES, seed=7)
+    assert type(engine.cache.history).__name__ == "PagedHistoryStore"
+    usage = engine.cache.history.usage()
+    assert usage["host_used"] > usage["gpu_capacity"]   # most of the history really is on the host
+    torch.testing.assert_close(host.latents, eager.latents, rtol=0, atol=0)
+    assert [e.to_dict() for e in host.log] == [e.to_dict() for e in eager.log]
+
+
+def test_host_tier_needs_a_budget():
+    with pytest.raises(ValueError, match="host_budget_bytes"):
+        MemoryConfig(history_tier="host")

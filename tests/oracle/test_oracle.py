@@ -7,6 +7,7 @@ frames.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -77,11 +78,11 @@ def run_oracle(setting: Setting, state, noise, text, renoise, dtype=torch.float3
                           steps=STEPS, shift=5.0, widen_local_until_memory=setting.widen, dtype=dtype)
 
 
-def run_engine(setting: Setting, state, noise, text, renoise):
+def run_engine(setting: Setting, state, noise, text, renoise, kernels="reference"):
     from lrag_engine import Engine
 
     engine = Engine(model=TINY, memory=setting.memory(),
-                    runtime=RuntimeConfig(device="cpu", dtype="float32", kernels="reference",
+                    runtime=RuntimeConfig(device="cpu", dtype="float32", kernels=kernels,
                                           denoising_steps=STEPS, shift=5.0),
                     seed=0)
     names = set(engine.model.state_dict())
@@ -152,8 +153,7 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_engine_matches_oracle(setting: Setting):
+def check_engine_against_oracle(setting: Setting, kernels: str) -> None:
     state, noise, text, renoise = make_inputs(setting, seed=1234)
     oracle_latents, oracle_log = run_oracle(setting, state, noise, text, renoise)
     check_oracle_log_is_informative(setting, oracle_log)
@@ -161,10 +161,27 @@ def test_engine_matches_oracle(setting: Setting):
         assert any(len({tuple(sel) for sel in entry["selected"]}) > 1 for entry in oracle_log), \
             "batch elements never retrieved differently"
 
-    result = run_engine(setting, state, noise, text, renoise)
+    result = run_engine(setting, state, noise, text, renoise, kernels=kernels)
     compare_logs(result.log, oracle_log, setting.batch)
     assert result.latents.dtype == torch.float32
     assert_close(result.latents, oracle_latents, dtype=torch.float32, name="latents")
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_engine_matches_oracle(setting: Setting):
+    check_engine_against_oracle(setting, kernels="reference")
+
+
+@pytest.mark.parametrize("setting", [
+    pytest.param(Setting(batch=2), id="W12-S1-K6-R5-F3-B2"),
+    pytest.param(Setting(sink=0, recency_guard=0, expect_partial=True), id="W12-S0-K6-R0-F3"),
+])
+def test_engine_with_triton_kernels_matches_oracle(setting: Setting):
+    """The search and splice kernels (Triton interpreter on the CPU) in the whole engine."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    check_engine_against_oracle(setting, kernels="triton")
 
 
 # ----------------------------------------------------------------------------- the oracle itself
