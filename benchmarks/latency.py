@@ -1,0 +1,536 @@
+"""End-to-end block latency of the engine, several runtime modes side by side.
+
+On CUDA the default is the reference workload of PERF.md: Wan2.1-T2V-1.3B shapes with
+random weights, bf16, batch 1, window 12, sink 1, K = 6, R = 5, 3 latent frames per block,
+4 denoising steps + recache, 512 text tokens, 120 latent frames. On a CPU the default is
+a smaller workload (tiny preset, float32, 48 frames) that exercises the same code.
+
+Modes (each a fresh engine, same seed): native (K = 0), native-graphs, retrieval (K = 6),
+retrieval-graphs, retrieval-host (history in the pinned host tier), baseline-refetch
+(retrieved K/V fetched from host memory for every layer and forward, as the public
+reference does). A mode whose options the engine rejects is recorded as skipped, with
+the reason.
+
+Per mode: block latency (median, p90) over the steady state, FPS (video frames/s = 4 x
+latent frames/s, DiT only, VAE excluded), MFU against a measured matmul rate, peak GPU
+memory, NVML power and clocks, host CPU time against device time. Writes JSON and a
+PNG of block latency over video length for every mode.
+
+    python benchmarks/latency.py [--preset P] [--frames N] [--dtype D] [--device D]
+                                 [--modes native,retrieval,...] [--warmup-blocks N]
+                                 [--threads N] [--out PATH] [--plot PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import common  # noqa: E402
+from lrag_engine.config import (MODEL_PRESETS, MemoryConfig, ModelConfig, RuntimeConfig,  # noqa: E402
+                                resolve_dtype)
+from lrag_engine.engine import Engine  # noqa: E402
+
+VAE_TIME_STRIDE = 4  # Wan VAE: one latent frame decodes to 4 video frames
+# Blocks averaged at each end of the steady state for the "cost vs video length" growth.
+GROWTH_BLOCKS = 5
+
+REFERENCE = dict(preset="wan2.1-t2v-1.3b", dtype="bfloat16", frames=120)
+CPU_DEFAULT = dict(preset="tiny", dtype="float32", frames=48)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Engine options of one benchmark mode, on top of the workload's configs."""
+
+    description: str
+    memory: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
+    cuda_only: str | None = None     # why the mode means nothing off CUDA
+
+
+MODES: dict[str, Mode] = {
+    "native": Mode("plain sliding window (K = 0)", memory=dict(top_k=0)),
+    "native-graphs": Mode("plain sliding window (K = 0), CUDA graphs", memory=dict(top_k=0),
+                          runtime=dict(cuda_graphs=True),
+                          cuda_only="CUDA graphs need a CUDA device (the engine runs eager elsewhere)"),
+    "retrieval": Mode("retrieval K = 6, history on the device, eager", memory=dict(top_k=6)),
+    "retrieval-graphs": Mode("retrieval K = 6, CUDA graphs", memory=dict(top_k=6),
+                             runtime=dict(cuda_graphs=True),
+                             cuda_only="CUDA graphs need a CUDA device (the engine runs eager elsewhere)"),
+    "retrieval-host": Mode("retrieval K = 6, history in the pinned host tier, eager",
+                           memory=dict(top_k=6, history_tier="host")),
+    # The public reference keeps the memory on the host and gathers the retrieved K/V
+    # again for every layer of every forward.
+    "baseline-refetch": Mode("retrieval K = 6, history on the host, retrieved K/V fetched again "
+                             "for every layer and every forward (public reference)",
+                             memory=dict(top_k=6, history_tier="host"),
+                             runtime=dict(retrieval_fetch="per_forward")),
+}
+
+
+# ---------------------------------------------------------------------- FLOP model
+def forward_flops(cfg: ModelConfig, batch: int, frames: int, context_frames: int) -> dict:
+    """FLOPs of one DiT forward over one block (a multiply-add counts 2).
+
+    m = batch * frames * tokens_per_frame query tokens; the self-attention keys are the
+    whole context ``[sink | retrieved | local | block]`` = context_frames * tokens_per_frame.
+    Per layer: self-attention q, k, v, o (4 d^2 per token), cross-attention q, o (2 d^2; the
+    text K/V are computed once per prompt), FFN (2 d ffn); then QK^T and PV over the
+    context (2 x 2 m Lk d) and over the text (2 x 2 m text_len d). Outside the layers:
+    patch embedding, time embedding (per frame) and head; LayerNorm, RoPE, softmax and
+    elementwise work are not counted. At the PERF.md shapes (m = 4680, Lk = 18720) this
+    gives 11.7 TFLOP linear + 16.2 self-attention + 0.4 cross-attention per forward.
+    """
+    n = cfg.tokens_per_frame
+    d, ffn, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    patch = math.prod(cfg.patch_size)
+    m = batch * frames * n
+    per_layer = 2 * m * (4 * d * d + 2 * d * d + 2 * d * ffn)
+    outside = (2 * m * cfg.in_channels * patch * d                         # patch embedding
+               + 2 * batch * frames * (cfg.freq_dim * d + d * d + d * 6 * d)  # time embedding + projection
+               + 2 * m * d * patch * cfg.out_channels)                      # head
+    linear = layers * per_layer + outside
+    self_attention = layers * 4 * m * context_frames * n * d
+    cross_attention = layers * 4 * m * cfg.text_len * d
+    return {"linear": linear, "self_attention": self_attention, "cross_attention": cross_attention,
+            "total": linear + self_attention + cross_attention}
+
+
+def context_frames(memory: MemoryConfig, block: int, retrieved: int) -> int:
+    """Frames of the attention context of ``block`` (its own frames included) when
+    ``retrieved`` frames come from the history (SPEC section 4)."""
+    in_window = min(memory.window, (block + 1) * memory.frames_per_block)
+    local_budget = memory.window - memory.sink - (retrieved if memory.widen_local_until_memory else memory.top_k)
+    return min(memory.sink, in_window) + retrieved + min(local_budget, max(0, in_window - memory.sink))
+
+
+def block_flops(cfg: ModelConfig, memory: MemoryConfig, forwards: int, batch: int, block: int,
+                retrieved: int) -> int:
+    """FLOPs of one whole block: ``forwards`` (denoising steps + recache) forwards."""
+    ctx = context_frames(memory, block, retrieved)
+    return forwards * forward_flops(cfg, batch, memory.frames_per_block, ctx)["total"]
+
+
+# ---------------------------------------------------------------------- one mode
+def _retrieved(log) -> int:
+    if callable(log):
+        log = log()
+    selected = getattr(log, "selected", None) or [[]]
+    return len(selected[0])
+
+
+def _build(mode: Mode, model: ModelConfig, device: torch.device, dtype: str, seed: int, frames: int):
+    options = dict(mode.memory)
+    if options.get("history_tier") == "host":
+        # The pinned host tier is allocated up front: room for every frame of the run.
+        itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        frame_bytes = 2 * model.num_layers * model.tokens_per_frame * model.dim * itemsize
+        options["host_budget_bytes"] = frames * frame_bytes
+    memory = MemoryConfig(**options)
+    runtime = RuntimeConfig(device=str(device), dtype=dtype, **mode.runtime)
+    return Engine(model=model, memory=memory, runtime=runtime, seed=seed)
+
+
+def _effective(engine: Engine) -> dict:
+    """What the engine's last run really used, as far as it exposes it: static (on CUDA:
+    captured) forwards, and where the history store kept its pages."""
+    graphs = getattr(engine, "graphs", None)
+    info: dict = {"static_forwards": None if graphs is None else len(graphs)}
+    history = getattr(getattr(engine, "cache", None), "history", None)
+    if history is not None:
+        host = getattr(history, "host_k", None)
+        info.update(history_store=type(history).__name__, history_pool_device=str(history.pool_k.device),
+                    history_host_pages=None if host is None else host.shape[0])
+    return info
+
+
+def _not_applied(mode: Mode, effective: dict, device: torch.device) -> str | None:
+    """Why a mode's numbers would be mislabelled (its option had no effect), when the
+    engine exposes enough to tell; None otherwise."""
+    if device.type != "cuda":
+        return None
+    if mode.runtime.get("cuda_graphs") and effective["static_forwards"] == 0:
+        return "cuda_graphs=True but the engine built no static forward"
+    if mode.memory.get("history_tier") == "host" and effective.get("history_pool_device", "").startswith("cuda") \
+            and not effective.get("history_host_pages"):
+        return "history_tier='host' but the engine kept every history page on the device"
+    return None
+
+
+def run_mode(name: str, mode: Mode, model: ModelConfig, device: torch.device, dtype: str,
+             frames: int, seed: int) -> dict:
+    """Generates ``frames`` latent frames with a fresh engine; per-block times.
+
+    Block n's device time is the span between CUDA events recorded after blocks n-1 and n
+    on the compute stream, so work the engine overlaps on side streams and any idle gap
+    of a host-bound loop are both counted, and no sync is added inside the loop.
+    """
+    result: dict = {"mode": name, "description": mode.description,
+                    "options": {"memory": mode.memory, "runtime": mode.runtime}}
+    if mode.cuda_only and device.type != "cuda":
+        return {**result, "status": "skipped", "reason": mode.cuda_only}
+    cuda = device.type == "cuda"
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        engine = _build(mode, model, device, dtype, seed, frames)
+    except (TypeError, ValueError) as exc:
+        return {**result, "status": "skipped", "reason": f"{type(exc).__name__}: {exc}"}
+    describe = {k: v for k, v in engine.describe().items() if k != "model"}
+
+    n_blocks = frames // engine.memory.frames_per_block
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n_blocks + 1)] if cuda else []
+    wall, cpu, outputs = [time.perf_counter()], [time.process_time()], []
+    try:
+        with common.NvmlSampler(device) as sampler:
+            if cuda:
+                events[0].record()
+            for i, out in enumerate(engine.stream(num_frames=frames, seed=seed)):
+                if cuda:
+                    events[i + 1].record()
+                wall.append(time.perf_counter())
+                cpu.append(time.process_time())
+                outputs.append(out)   # the log is read after the loop: reading it syncs
+            common.synchronize(device)
+    except Exception as exc:  # a crash of one mode must not lose the others' numbers
+        traceback.print_exc()
+        return {**result, "status": "failed", "reason": f"{type(exc).__name__}: {exc}", "engine": describe}
+
+    effective = _effective(engine)
+    mismatch = _not_applied(mode, effective, device)
+    if mismatch is not None:
+        return {**result, "status": "skipped", "reason": mismatch, "engine": describe, "effective": effective}
+
+    wall_s = [b - a for a, b in zip(wall, wall[1:])]
+    cpu_s = [b - a for a, b in zip(cpu, cpu[1:])]
+    device_s = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])] if cuda else wall_s
+    retrieved = [_retrieved(out.log) for out in outputs]
+    forwards = len(engine.schedule) + 1
+    batch = 1
+    result.update(
+        status="ok", engine=describe, forwards_per_block=forwards,
+        block_seconds=device_s, block_wall_seconds=wall_s, block_host_cpu_seconds=cpu_s,
+        block_first_frame=[i * engine.memory.frames_per_block for i in range(len(device_s))],
+        retrieved_frames=retrieved, effective=effective,
+        context_frames=[context_frames(engine.memory, i, r) for i, r in enumerate(retrieved)],
+        block_flops=[block_flops(model, engine.memory, forwards, batch, i, r) for i, r in enumerate(retrieved)],
+        window=engine.memory.window, frames_per_block=engine.memory.frames_per_block,
+        peak_memory_allocated_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+        peak_memory_reserved_bytes=torch.cuda.max_memory_reserved(device) if cuda else None,
+        nvml=sampler.summary(),
+    )
+    del engine, outputs
+    return result
+
+
+# ---------------------------------------------------------------------- statistics
+def steady_start(results: list[dict], warmup_blocks: int) -> int:
+    """First steady-state block, the same for every mode: ``warmup_blocks`` after the
+    first block whose context is full (window frames) in every mode that ran; graph
+    capture and allocator growth happen when the shapes settle, so warm-up counts from there."""
+    firsts = []
+    for r in results:
+        full = [i for i, c in enumerate(r["context_frames"]) if c == r["window"]]
+        firsts.append(full[0] if full else len(r["context_frames"]))
+    return (max(firsts) if firsts else 0) + warmup_blocks
+
+
+def summarize(r: dict, start: int, rate: float) -> dict:
+    times = r["block_seconds"][start:]
+    if not times:
+        return {"steady_blocks": 0, "reason": f"no steady-state block: the run has {len(r['block_seconds'])} "
+                                              f"blocks and the steady state starts at block {start}"}
+    median = statistics.median(times)
+    flops = statistics.median(r["block_flops"][start:])
+    g = max(1, min(GROWTH_BLOCKS, len(times) // 3))
+    early, late = statistics.median(times[:g]), statistics.median(times[-g:])
+    f = r["frames_per_block"]
+    cpu_per_block = statistics.median(r["block_host_cpu_seconds"][start:])
+    on_cuda = r["peak_memory_allocated_bytes"] is not None
+    return {
+        "steady_blocks": len(times), "first_steady_block": start,
+        "block_ms_median": 1e3 * median, "block_ms_p90": 1e3 * common.percentile(times, 90),
+        "block_ms_mean": 1e3 * statistics.fmean(times), "block_ms_min": 1e3 * min(times),
+        "block_ms_max": 1e3 * max(times),
+        "latent_frames_per_s": f / median, "fps_video": VAE_TIME_STRIDE * f / median,
+        "flops_per_block": flops, "flops_per_s": flops / median, "mfu": flops / median / rate,
+        "growth": {"early_ms": 1e3 * early, "late_ms": 1e3 * late, "pct": 100 * (late / early - 1),
+                   "early_latent_frames": [r["block_first_frame"][start], r["block_first_frame"][start + g - 1] + f],
+                   "late_latent_frames": [r["block_first_frame"][-g], r["block_first_frame"][-1] + f]},
+        "host_cpu_ms_per_block": 1e3 * cpu_per_block,
+        "host_cpu_ms_per_forward": 1e3 * cpu_per_block / r["forwards_per_block"],
+        # On the CPU the host is the device; the ratio says nothing there.
+        "host_cpu_fraction_of_device": cpu_per_block / median if on_cuda else None,
+    }
+
+
+def _ratio(summaries: dict, a: str, b: str) -> float | None:
+    sa, sb = summaries.get(a), summaries.get(b)
+    if not sa or not sb or not sa.get("steady_blocks") or not sb.get("steady_blocks"):
+        return None
+    return sa["block_ms_median"] / sb["block_ms_median"]
+
+
+def derived(summaries: dict) -> dict:
+    """Comparisons between modes (block-time medians) and per-mode growth / host share."""
+    def pct(x):
+        return None if x is None else 100 * (x - 1)
+    graphs = _ratio(summaries, "retrieval", "retrieval-graphs")
+    engine_modes = [m for m in ("retrieval", "retrieval-graphs", "retrieval-host")
+                    if summaries.get(m, {}).get("steady_blocks")]
+    best = min(engine_modes, key=lambda m: summaries[m]["block_ms_median"]) if engine_modes else None
+    return {
+        "retrieval_vs_native_overhead_pct": pct(_ratio(summaries, "retrieval", "native")),
+        "retrieval_graphs_vs_native_graphs_overhead_pct": pct(_ratio(summaries, "retrieval-graphs", "native-graphs")),
+        "graphs_speedup_x": graphs,
+        "host_tier_vs_device_pct": pct(_ratio(summaries, "retrieval-host", "retrieval")),
+        "baseline_refetch_vs_retrieval_x": _ratio(summaries, "baseline-refetch", "retrieval"),
+        "baseline_refetch_vs_best_engine_mode_x": _ratio(summaries, "baseline-refetch", best) if best else None,
+        "best_engine_mode": best,
+        "best_engine_mode_fps_video": summaries[best]["fps_video"] if best else None,
+        "best_engine_mode_mfu": summaries[best]["mfu"] if best else None,
+        "growth_pct": {m: s["growth"]["pct"] for m, s in summaries.items() if s.get("steady_blocks")},
+        "host_cpu_fraction_of_device": {m: s["host_cpu_fraction_of_device"] for m, s in summaries.items()
+                                        if s.get("steady_blocks")},
+    }
+
+
+# ---------------------------------------------------------------------- output
+def _fmt(value, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    return "-" if value is None else format(value * scale, spec) + unit
+
+
+def print_tables(report: dict) -> None:
+    rate = report["matmul"]
+    unit = "TFLOP/s" if rate["dtype"] == "bfloat16" else "GFLOP/s"
+    scale = 1e-12 if unit == "TFLOP/s" else 1e-9
+    print(f"\nmatmul {rate['dtype']} {rate['n']}^3: {rate['flops_per_s'] * scale:.1f} {unit}; copy "
+          f"{report['copy']['d2d_bytes_per_s'] * 1e-9:.1f} GB/s (read+write)"
+          + (f"; pinned H2D {report['copy']['h2d_pinned_bytes_per_s'] * 1e-9:.1f} GB/s"
+             if report["copy"]["h2d_pinned_bytes_per_s"] else ""))
+    if report["config"]["device"] == "cpu":
+        print("on the CPU the host tier and the device are the same memory: retrieval-host and "
+              "baseline-refetch show code-path costs only")
+    print(f"steady state from block {report['steady_start_block']} "
+          f"(latent frame {report['steady_start_block'] * report['config']['frames_per_block']}); "
+          "FPS = video frames/s (4 x latent), DiT only, VAE excluded")
+    head = (f"{'mode':<18} {'status':<8} {'median ms':>10} {'p90 ms':>9} {'FPS':>8} {'MFU':>7} "
+            f"{'peak GB':>8} {'power W':>8} {'SM MHz':>7} {'host/dev':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in report["modes"]:
+        s = report["summary"].get(r["mode"]) or {}
+        if r["status"] != "ok":
+            print(f"{r['mode']:<18} {r['status']:<8} {r['reason']}")
+            continue
+        nv = r.get("nvml") or {}
+        print(f"{r['mode']:<18} {'ok':<8} {_fmt(s.get('block_ms_median'), '10.2f')} "
+              f"{_fmt(s.get('block_ms_p90'), '9.2f')} {_fmt(s.get('fps_video'), '8.2f')} "
+              f"{_fmt(s.get('mfu'), '.1f', 100, '%'):>7} {_fmt(r['peak_memory_allocated_bytes'], '8.2f', 1e-9)} "
+              f"{_fmt(nv.get('power_w_mean'), '8.0f')} {_fmt(nv.get('sm_clock_mhz_median'), '7.0f')} "
+              f"{_fmt(s.get('host_cpu_fraction_of_device'), '.1f', 100, '%'):>9}")
+    d = report["derived"]
+    print(f"\n{'comparison':<52} {'value':>10}   issue-5 target (reference workload, H100)")
+    rows = [
+        ("retrieval vs native, block time", _fmt(d["retrieval_vs_native_overhead_pct"], "+.1f", unit=" %"), "<= +2 %"),
+        ("retrieval vs native, both with graphs",
+         _fmt(d["retrieval_graphs_vs_native_graphs_overhead_pct"], "+.1f", unit=" %"), "<= +2 %"),
+        (f"FPS of the best retrieval mode ({d['best_engine_mode'] or '-'})",
+         _fmt(d["best_engine_mode_fps_video"], ".1f"), ">= 40 (MFU ~60 %)"),
+        ("MFU of the best retrieval mode", _fmt(d["best_engine_mode_mfu"], ".1f", 100, " %"), ""),
+        ("graphs vs eager speed-up", _fmt(d["graphs_speedup_x"], ".2f", unit=" x"), ""),
+        ("host tier vs device history", _fmt(d["host_tier_vs_device_pct"], "+.1f", unit=" %"), ""),
+        ("baseline-refetch vs retrieval", _fmt(d["baseline_refetch_vs_retrieval_x"], ".2f", unit=" x"), ""),
+        (f"baseline-refetch vs best ({d['best_engine_mode'] or '-'})",
+         _fmt(d["baseline_refetch_vs_best_engine_mode_x"], ".2f", unit=" x"), ""),
+    ]
+    for mode, g in d["growth_pct"].items():
+        s = report["summary"][mode]["growth"]
+        rows.append((f"growth {mode}, frames {s['early_latent_frames'][0]}-{s['early_latent_frames'][1]} -> "
+                     f"{s['late_latent_frames'][0]}-{s['late_latent_frames'][1]}", _fmt(g, "+.1f", unit=" %"),
+                     "<= +3 % (frame 100 -> 1000)"))
+    for mode, h in d["host_cpu_fraction_of_device"].items():
+        if h is not None:
+            rows.append((f"host CPU / device time, {mode}", _fmt(h, ".1f", 100, " %"),
+                         "<= 5 % with graphs" if mode == "retrieval-graphs" else ""))
+    for r in report["modes"]:
+        if r["status"] == "ok" and r["options"]["runtime"].get("cuda_graphs"):
+            rows.append((f"static forwards built, {r['mode']}", str(r["effective"]["static_forwards"]), "> 0"))
+    for name, value, target in rows:
+        print(f"{name:<52} {value:>10}   {target}")
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for r in report["modes"]:
+        if r["status"] != "ok":
+            continue
+        x = [f + r["frames_per_block"] for f in r["block_first_frame"]]
+        ax.plot(x, [1e3 * t for t in r["block_seconds"]], marker=".", label=r["mode"])
+    start = report["steady_start_block"] * report["config"]["frames_per_block"]
+    ax.axvline(start, color="grey", linestyle="--", linewidth=1, label="steady state from here")
+    ax.set_xlabel("latent frames generated (end of block)")
+    ax.set_ylabel("block latency (ms)")
+    cfg = report["config"]
+    ax.set_title(f"{report['environment']['device']['name']}: {cfg['preset']} {cfg['dtype']}, "
+                 f"window {cfg['window']}, K {cfg['top_k']}, {cfg['steps']}+1 forwards/block")
+    # Log scale keeps a capture or allocation spike from flattening every other block;
+    # plain tick labels keep it readable.
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    parser.add_argument("--preset", default=None, choices=sorted(MODEL_PRESETS),
+                        help=f"model shapes (default {REFERENCE['preset']} on CUDA, {CPU_DEFAULT['preset']} on CPU)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help=f"latent frames (default {REFERENCE['frames']} on CUDA, {CPU_DEFAULT['frames']} on CPU)")
+    parser.add_argument("--dtype", default=None,
+                        help=f"default {REFERENCE['dtype']} on CUDA, {CPU_DEFAULT['dtype']} on CPU")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--warmup-blocks", type=int, default=2,
+                        help="blocks left out after the context first fills (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); 1 steadies CPU runs on a busy machine")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/latency-<device>-<date>.json)")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default next to the JSON)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        print(f"latency: --device {args.device!r} is not a torch device: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("latency: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    defaults = REFERENCE if device.type == "cuda" else CPU_DEFAULT
+    preset = args.preset or defaults["preset"]
+    dtype = args.dtype or defaults["dtype"]
+    frames = defaults["frames"] if args.frames is None else args.frames
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    memory = MemoryConfig()
+    if unknown or not modes:
+        print(f"latency: unknown mode(s) {unknown}; choose from {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    if frames <= 0 or frames % memory.frames_per_block:
+        print(f"latency: --frames must be a positive multiple of {memory.frames_per_block}, got {frames}",
+              file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"latency: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.warmup_blocks < 0:
+        print(f"latency: --warmup-blocks must be >= 0, got {args.warmup_blocks}", file=sys.stderr)
+        return 2
+    try:
+        RuntimeConfig(device=str(device), dtype=dtype)
+    except ValueError as exc:
+        print(f"latency: {exc}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)   # events and streams below use the current device
+    model = ModelConfig.preset(preset)
+    reference = (device.type == "cuda" and preset == REFERENCE["preset"] and frames >= REFERENCE["frames"]
+                 and resolve_dtype(dtype) == resolve_dtype(REFERENCE["dtype"]))
+    what = ("the PERF.md reference workload" if reference else
+            "a smaller workload, NOT the PERF.md reference workload")
+    print(f"latency: {what}: preset {preset}, {dtype}, {frames} latent frames, batch 1, window {memory.window}, "
+          f"sink {memory.sink}, K {memory.top_k}, R {memory.recency_guard}, {memory.frames_per_block} frames/block, "
+          f"{len(RuntimeConfig().denoising_steps)} steps + recache, text {model.text_len} tokens, "
+          f"random weights, on {device}")
+
+    env = common.environment(device)
+    rate = common.matmul_rate(device)
+    copy = common.copy_bandwidth(device)
+    results = []
+    for name in modes:
+        print(f"  running {name} ...", flush=True)
+        results.append(run_mode(name, MODES[name], model, device, dtype, frames, args.seed))
+        r = results[-1]
+        if r["status"] != "ok":
+            print(f"  {name}: {r['status']}: {r['reason']}")
+    ran = [r for r in results if r["status"] == "ok"]
+    start = steady_start(ran, args.warmup_blocks)
+    summaries = {r["mode"]: summarize(r, start, rate["flops_per_s"]) for r in ran}
+    steady_flops = forward_flops(model, 1, memory.frames_per_block, memory.window)
+    report = {
+        "benchmark": "latency",
+        "reference_workload": reference,
+        "environment": env,
+        "matmul": rate,
+        "copy": copy,
+        "config": {"preset": preset, "model": model.to_dict(), "dtype": dtype, "device": str(device),
+                   "frames": frames, "batch": 1, "window": memory.window, "sink": memory.sink,
+                   "top_k": memory.top_k, "recency_guard": memory.recency_guard,
+                   "frames_per_block": memory.frames_per_block, "steps": len(RuntimeConfig().denoising_steps),
+                   "text_tokens": model.text_len, "seed": args.seed, "warmup_blocks": args.warmup_blocks,
+                   "torch_threads": torch.get_num_threads(),
+                   "weights": "random"},
+        "flops_per_forward_full_context": steady_flops,
+        "flops_per_block_full_context": (len(RuntimeConfig().denoising_steps) + 1) * steady_flops["total"],
+        "steady_start_block": start,
+        "notes": [
+            "FPS = video frames per second = 4 x latent frames per second, steady state, DiT only, VAE excluded",
+            "block time on CUDA: CUDA events recorded on the compute stream after each block; on CPU: perf_counter",
+            "MFU = FLOPs per block (linear + self-attention at the real context + cross-attention, "
+            "x (steps + 1)) / block time / measured matmul rate",
+            "host CPU time is time.process_time of the whole process: an upper bound that includes any "
+            "time the host spins in a device sync",
+        ],
+        "modes": results,
+        "summary": summaries,
+        "skipped": {r["mode"]: r["reason"] for r in results if r["status"] == "skipped"},
+        "failed": {r["mode"]: r["reason"] for r in results if r["status"] == "failed"},
+    }
+    report["derived"] = derived(summaries)
+
+    date = common.now().strftime("%Y-%m-%d")
+    out = args.out or REPO / "benchmarks" / "results" / f"latency-{common.device_slug(device)}-{date}.json"
+    common.write_json(out, report)
+    png = plot(report, args.plot or out.with_suffix(".png"))
+    print_tables(report)
+    print(f"\nwrote {out} and {png}")
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

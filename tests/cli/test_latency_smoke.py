@@ -1,0 +1,133 @@
+"""benchmarks/latency.py: end-to-end run on the CPU, skipped modes, and its FLOP model
+against the FLOPs of the operations the engine really runs."""
+import json
+import time
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks import common, latency
+from lrag_engine.config import MemoryConfig, ModelConfig
+from lrag_engine.engine import Engine
+
+
+def test_runs_end_to_end_and_records_skipped_modes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(latency.MODES, "bogus", latency.Mode("an option the engine lacks",
+                                                             memory=dict(top_k=6, no_such_option=1)))
+    out = tmp_path / "lat.json"
+    code = latency.main(["--device", "cpu", "--preset", "tiny", "--frames", "6",
+                         "--modes", "native,retrieval-graphs,bogus", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    for key in ("environment", "matmul", "copy", "config", "modes", "summary", "derived", "skipped",
+                "steady_start_block", "flops_per_block_full_context", "notes"):
+        assert key in report, key
+    env = report["environment"]
+    assert env["versions"]["torch"] == torch.__version__ and env["device"]["type"] == "cpu"
+    assert "commit" in env["git"] and env["date"]
+    assert report["matmul"]["flops_per_s"] > 0 and report["copy"]["d2d_bytes_per_s"] > 0
+    assert report["config"]["preset"] == "tiny" and report["config"]["frames"] == 6
+
+    modes = {m["mode"]: m for m in report["modes"]}
+    assert modes["native"]["status"] == "ok"
+    assert len(modes["native"]["block_seconds"]) == 2 and all(t > 0 for t in modes["native"]["block_seconds"])
+    assert modes["native"]["retrieved_frames"] == [0, 0]
+    for name in ("retrieval-graphs", "bogus"):
+        assert modes[name]["status"] == "skipped" and report["skipped"][name] == modes[name]["reason"]
+    assert "CUDA" in report["skipped"]["retrieval-graphs"]
+    assert "no_such_option" in report["skipped"]["bogus"]
+    # 6 frames never fill the window: no steady-state numbers, and the summary says why.
+    assert report["summary"]["native"]["steady_blocks"] == 0 and report["summary"]["native"]["reason"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "NOT the PERF.md reference workload" in printed and "skipped" in printed
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    assert latency.main(["--device", "cpu", "--frames", "7", "--out", str(tmp_path / "x.json")]) == 2
+    assert "multiple of 3" in capsys.readouterr().err
+    assert latency.main(["--device", "cpu", "--modes", "native,nope", "--out", str(tmp_path / "x.json")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+class _FlopCounter(TorchDispatchMode):
+    """FLOPs of matmul-like ops as they are dispatched (nested ops are not re-entered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = self.attention = 0
+        self.unknown: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "linear":
+            x, w = args[0], args[1]
+            self.linear += 2 * x.numel() // x.shape[-1] * w.shape[0] * w.shape[1]
+        elif name == "scaled_dot_product_attention":
+            q, k = args[0], args[1]            # [B, H, Lq, D], [B, H, Lk, D]
+            self.attention += 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        elif name in ("mm", "addmm", "bmm", "matmul", "baddbmm", "convolution", "einsum"):
+            self.unknown.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("top_k,widen", [pytest.param(6, False, id="K6"), pytest.param(0, False, id="native"),
+                                         pytest.param(4, True, id="K4-widen")])
+def test_flop_model_matches_the_engine_operations(top_k, widen):
+    model = ModelConfig.preset("tiny")
+    memory = MemoryConfig(top_k=top_k, widen_local_until_memory=widen)
+    engine = Engine(model, memory, seed=1)
+    forwards = len(engine.schedule) + 1
+    # Block 0 also encodes the text (once per prompt, not per block). Counted: the window
+    # filling (1, 2), retrieval starting (6, 7) and the steady state (8, 9).
+    counted = {1, 2, 6, 7, 8, 9}
+    blocks = engine.stream(num_frames=30)
+    for block in range(10):
+        if block not in counted:
+            next(blocks)
+            continue
+        with _FlopCounter() as counter:
+            out = next(blocks)
+        assert not counter.unknown, f"uncounted matmul ops {counter.unknown}"
+        retrieved = len(out.log.selected[0])
+        want = latency.block_flops(model, memory, forwards, 1, block, retrieved)
+        assert counter.linear + counter.attention == want, (block, retrieved)
+    assert retrieved == top_k  # the run reached full retrieval
+
+
+def test_flop_model_at_the_reference_shapes_matches_perf_md():
+    # PERF.md: ~11.7 TFLOP linear + ~16.1 TFLOP self-attention per forward, ~141 TFLOP per block.
+    cfg = ModelConfig.preset("wan2.1-t2v-1.3b")
+    memory = MemoryConfig()
+    per_forward = latency.forward_flops(cfg, 1, memory.frames_per_block, memory.window)
+    assert per_forward["linear"] == pytest.approx(11.7e12, rel=0.01)
+    assert per_forward["self_attention"] == pytest.approx(16.1e12, rel=0.01)
+    steady_block = 20
+    assert latency.context_frames(memory, steady_block, memory.top_k) == memory.window
+    assert latency.block_flops(cfg, memory, 5, 1, steady_block, memory.top_k) == pytest.approx(141e12, rel=0.01)
+
+
+def test_nvml_sampler_summary_from_samples():
+    """The GPU-only sampling path, fed by a stand-in for pynvml (no driver here)."""
+    power = iter(range(100_000, 10_000_000, 50_000))   # mW, rising
+    fake = types.SimpleNamespace(
+        NVML_CLOCK_SM=0, NVML_CLOCK_MEM=2, NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetPowerUsage=lambda h: next(power),
+        nvmlDeviceGetClockInfo=lambda h, clock: 1980 if clock == 0 else 2619,
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=90),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 << 30),
+        nvmlDeviceGetTemperature=lambda h, sensor: 61)
+    sampler = common.NvmlSampler("cpu", interval=0.01)
+    assert sampler.summary() is None
+    sampler._nvml, sampler._handle = fake, object()
+    with sampler:
+        time.sleep(0.1)
+    s = sampler.summary()
+    n = s["samples"]
+    assert n >= 2
+    watts = [100 + 50 * i for i in range(n)]
+    assert s["power_w_max"] == pytest.approx(watts[-1]) and s["power_w_mean"] == pytest.approx(sum(watts) / n)
+    assert s["sm_clock_mhz_median"] == 1980 and s["mem_clock_mhz_median"] == 2619
+    assert s["memory_used_bytes_max"] == 3 << 30 and s["gpu_util_pct_mean"] == 90
