@@ -23,8 +23,12 @@ class HistoryFullError(RuntimeError):
 
 
 class HistoryStore:
-    """Growable in-device store (a single tier). Page id of (frame f, stream b, layer l)
-    is ``(f * B + b) * L + l``, so appending frames appends whole runs of pages."""
+    """Single-tier store on one device. Page id of (frame f, stream b, layer l) is
+    ``(f * B + b) * L + l``, so appending frames appends whole runs of pages.
+
+    gpu_budget_bytes: None grows the pool by doubling (a copy); a budget is allocated
+    whole at construction and never grows.
+    """
 
     def __init__(self, num_layers: int, batch: int, tokens_per_frame: int, num_heads: int,
                  head_dim: int, descriptor_dim: int, dtype: torch.dtype,
@@ -36,7 +40,9 @@ class HistoryStore:
         self.overflow_policy = overflow_policy
         self.frame_bytes = 2 * num_layers * batch * tokens_per_frame * num_heads * head_dim * dtype.itemsize
         self.max_frames = None if gpu_budget_bytes is None else gpu_budget_bytes // self.frame_bytes
-        cap = initial_frames if self.max_frames is None else min(initial_frames, self.max_frames)
+        # A budget is reserved up front: growing by copy needs the old and the new pool at
+        # once, which at Wan 1.3B shapes (287 MB per frame) is what runs a GPU out of memory.
+        cap = initial_frames if self.max_frames is None else self.max_frames
         self.pool_k = torch.empty(0, *self.page_shape, dtype=dtype, device=self.device)
         self.pool_v = torch.empty_like(self.pool_k)
         self._desc = torch.empty(batch, 0, descriptor_dim, dtype=torch.float32, device=self.device)
@@ -86,8 +92,8 @@ class HistoryStore:
                     f"({self.max_frames * self.frame_bytes} bytes); raise gpu_budget_bytes/host_budget_bytes "
                     "or set overflow_policy='drop_oldest'")
             self._drop_oldest(self.num_frames + fe - self.max_frames)
-        self._reserve(max(self.num_frames + fe, 2 * self.capacity_frames)
-                      if self.num_frames + fe > self.capacity_frames else 0)
+        if self.num_frames + fe > self.capacity_frames:
+            self._reserve(max(self.num_frames + fe, 2 * self.capacity_frames))
         start = self.num_frames * self.batch * self.num_layers
         pages = fe * self.batch * self.num_layers
         # [L, B, Fe, ...] -> page order (f, b, l)

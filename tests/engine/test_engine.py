@@ -135,3 +135,20 @@ def test_dtypes_run_and_stay_close_to_float32():
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         # Two blocks of a 4-step sampler in 16-bit: a loose sanity bound, not a precision test.
         assert (out - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def test_full_history_budget_errors_or_drops_as_configured():
+    from lrag_engine.memory.history import HistoryFullError
+    frame_bytes = 2 * TINY.num_layers * TINY.tokens_per_frame * TINY.dim * 4
+    small = dict(window=6, sink=1, top_k=2, recency_guard=1, gpu_budget_bytes=4 * frame_bytes)
+    engine = _engine(**small)
+    with pytest.raises(HistoryFullError, match="budget"):
+        engine.generate(FRAMES)
+    dropping = _engine(**small, overflow_policy="drop_oldest")
+    with pytest.warns(UserWarning, match="dropping"):
+        result = dropping.generate(FRAMES)
+    assert dropping.cache.history.dropped_frames > 0 and torch.isfinite(result.latents).all()
+    # The last block searched a history of the 4 newest evicted frames (budget), taken
+    # before its own 3 evictions dropped 3 more: global ids from 1 + dropped - 3 on.
+    last = result.log[-1].selected[0]
+    assert last and min(last) >= 1 + dropping.cache.history.dropped_frames - 3
