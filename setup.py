@@ -103,7 +103,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton==3.6.0"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton==3.6.0", "pybind11>=2.12", "nvidia-ml-py"],
         "gpu": ["triton", "nvidia-ml-py"],
     },
     entry_points={"console_scripts": ["lrag-engine=lrag_engine.cli:main"]},

@@ -171,9 +171,12 @@ class Engine:
                                  f"non-final steps), got {len(renoise_list)}")
             for i, r in enumerate(renoise_list):
                 _check_tensor(f"renoise[{i}]", r, (batch, frames_per_block, *latent_shape))
-        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        seed = self.seed if seed is None else seed
         if noise is None:
-            noise = torch.randn(batch, num_frames, *latent_shape, generator=generator)
+            # Initial noise from a CPU generator: the same video on every device type.
+            noise = torch.randn(batch, num_frames, *latent_shape, generator=torch.Generator().manual_seed(seed))
+        # Re-noise is drawn where it is used, so the block loop never copies from the host.
+        generator = torch.Generator(self.device).manual_seed(seed)
         return batch, num_blocks, text, noise, renoise_list, generator
 
     # ------------------------------------------------------------------ generation
@@ -218,6 +221,11 @@ class Engine:
         sigmas = self.schedule.sigmas
         step_t = [torch.full((batch, f), t, device=self.device) for t in self.schedule.timesteps]
         zero_t = torch.zeros(batch, f, device=self.device)
+        # One copy of the inputs to the device up front: per-block copies from pageable
+        # host memory would stall the host inside the loop.
+        noise = noise.to(self.device, torch.float32)
+        if renoise_list is not None:
+            renoise_list = [r.to(self.device, torch.float32) for r in renoise_list]
         renoise_iter = iter(renoise_list) if renoise_list is not None else None
         latent_shape = noise.shape[2:]
 
@@ -225,16 +233,16 @@ class Engine:
             start = time.perf_counter()
             with torch.inference_mode():
                 log = cache.begin_block(f)
-                x = noise[:, block * f:(block + 1) * f].to(self.device, torch.float32, non_blocking=True)
+                x = noise[:, block * f:(block + 1) * f]
                 for i, sigma in enumerate(sigmas):
                     flow = self._forward(cache, graphs, x, step_t[i], cross_kv, recache=False)
                     x0 = predict_x0(x, flow, sigma)
                     if i + 1 < len(sigmas):
                         if renoise_iter is not None:
-                            fresh = next(renoise_iter).to(self.device, torch.float32, non_blocking=True)
+                            fresh = next(renoise_iter)
                         else:
-                            fresh = torch.randn(batch, f, *latent_shape, generator=generator)
-                            fresh = fresh.to(self.device, non_blocking=True)
+                            fresh = torch.randn(batch, f, *latent_shape, generator=generator,
+                                                device=self.device)
                         x = renoise(x0, fresh, sigmas[i + 1])
                 cache.end_block(x0)
                 self._forward(cache, graphs, x0, zero_t, cross_kv, recache=True)
