@@ -78,18 +78,19 @@ def run_oracle(setting: Setting, state, noise, text, renoise, dtype=torch.float3
                           steps=STEPS, shift=5.0, widen_local_until_memory=setting.widen, dtype=dtype)
 
 
-def run_engine(setting: Setting, state, noise, text, renoise, kernels="reference"):
+def run_engine(setting: Setting, state, noise, text, renoise, kernels="reference", device="cpu",
+               cuda_graphs=False):
     from lrag_engine import Engine
 
     engine = Engine(model=TINY, memory=setting.memory(),
-                    runtime=RuntimeConfig(device="cpu", dtype="float32", kernels=kernels,
+                    runtime=RuntimeConfig(device=device, dtype="float32", kernels=kernels, cuda_graphs=cuda_graphs,
                                           denoising_steps=STEPS, shift=5.0),
                     seed=0)
     names = set(engine.model.state_dict())
     expected = set(wan_parameter_shapes(TINY))
     assert names == expected, (f"engine state dict is not Wan-named: missing {sorted(expected - names)}, "
                                f"unexpected {sorted(names - expected)}")
-    engine.model.load_state_dict(state)
+    engine.model.load_state_dict({name: value.to(device) for name, value in state.items()})
     for name, value in engine.model.state_dict().items():
         assert torch.equal(value.cpu().float(), state[name]), f"engine did not take parameter {name}"
     return engine.generate(num_frames=noise.shape[1], text=text, noise=noise, renoise=renoise, seed=None)
@@ -153,7 +154,8 @@ SETTINGS = [
 ]
 
 
-def check_engine_against_oracle(setting: Setting, kernels: str) -> None:
+def check_engine_against_oracle(setting: Setting, kernels: str, device: str = "cpu",
+                                cuda_graphs: bool = False) -> None:
     state, noise, text, renoise = make_inputs(setting, seed=1234)
     oracle_latents, oracle_log = run_oracle(setting, state, noise, text, renoise)
     check_oracle_log_is_informative(setting, oracle_log)
@@ -161,7 +163,8 @@ def check_engine_against_oracle(setting: Setting, kernels: str) -> None:
         assert any(len({tuple(sel) for sel in entry["selected"]}) > 1 for entry in oracle_log), \
             "batch elements never retrieved differently"
 
-    result = run_engine(setting, state, noise, text, renoise, kernels=kernels)
+    result = run_engine(setting, state, noise, text, renoise, kernels=kernels, device=device,
+                        cuda_graphs=cuda_graphs)
     compare_logs(result.log, oracle_log, setting.batch)
     assert result.latents.dtype == torch.float32
     assert_close(result.latents, oracle_latents, dtype=torch.float32, name="latents")
@@ -170,6 +173,22 @@ def check_engine_against_oracle(setting: Setting, kernels: str) -> None:
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_engine_matches_oracle(setting: Setting):
     check_engine_against_oracle(setting, kernels="reference")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("setting", [
+    pytest.param(Setting(batch=2), id="W12-S1-K6-R5-F3-B2"),
+    pytest.param(Setting(sink=2, widen=True), id="W12-S2-K6-R5-F3-widen"),
+])
+def test_engine_on_cuda_matches_oracle(setting: Setting, graphs: bool):
+    """Kernels, side-stream retrieval and (optionally) CUDA graphs on a GPU, in float32."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    # TF32 in the patch-embedding convolution alone would cost 1e-3 of precision.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_engine_against_oracle(setting, kernels="auto", device="cuda", cuda_graphs=graphs)
 
 
 @pytest.mark.parametrize("setting", [
