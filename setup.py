@@ -106,6 +106,7 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark", "triton==3.6.0", "pybind11>=2.12", "nvidia-ml-py"],
         "gpu": ["triton", "nvidia-ml-py"],
     },
+    package_data={"lrag_engine.encoder": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["lrag-engine=lrag_engine.cli:main"]},
     ext_modules=_extensions(CUDA_HOME),
     cmdclass=CMDCLASS,

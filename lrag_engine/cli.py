@@ -131,12 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrag-engine", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
     _add_generate(sub)
-    try:
-        from .encoder.cli import add_subcommands
-    except ImportError:
-        pass
-    else:
-        add_subcommands(sub)
+    from .encoder.cli import add_subcommands
+    add_subcommands(sub)
     return parser
 
 

@@ -18,12 +18,15 @@ class Descriptor(Protocol):
 
 
 class MeanDescriptor:
-    """Spatial mean of the latent frame: a C-dim descriptor."""
+    """Spatial mean of the latent frame: ``[N, C, H, W] -> [N, C]`` (not normalised:
+    cosine similarity is scale-free)."""
 
     def __init__(self, channels: int) -> None:
         self.dim = channels
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        if frames.dim() != 4 or frames.shape[1] != self.dim:
+            raise ValueError(f"frames must be [N, C, H, W] with {self.dim} channels, got {tuple(frames.shape)}")
         return frames.float().mean(dim=(-2, -1))
 
 

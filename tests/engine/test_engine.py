@@ -152,3 +152,25 @@ def test_full_history_budget_errors_or_drops_as_configured():
     # before its own 3 evictions dropped 3 more: global ids from 1 + dropped - 3 on.
     last = result.log[-1].selected[0]
     assert last and min(last) >= 1 + dropping.cache.history.dropped_frames - 3
+
+
+def test_encoder_descriptors_drive_retrieval(tmp_path):
+    from lrag_engine.encoder import EncoderConfig, EncoderDescriptor, RetrievalEncoder, save_checkpoint
+    torch.manual_seed(0)
+    config = EncoderConfig(in_channels=16, spatial_h=8, spatial_w=12, latent_dim=24, hidden_dims=(32, 64))
+    save_checkpoint(tmp_path / "enc.pt", RetrievalEncoder(config))
+    engine = Engine(TINY, MemoryConfig(window=6, sink=1, top_k=2, recency_guard=1),
+                    RuntimeConfig(kernels="reference"), encoder=tmp_path / "enc.pt")
+    assert engine.memory.descriptor == "encoder" and engine.descriptor.dim == 24
+    result = engine.generate(FRAMES)
+    # The logged similarities are the encoder's cosines between query and selected frames.
+    encoder = EncoderDescriptor.from_checkpoint(tmp_path / "enc.pt")
+    checked = 0
+    for entry in result.log:
+        if entry.selected[0]:
+            frames = [entry.query_frame, *entry.selected[0]]
+            emb = encoder(result.latents[0, frames])
+            cos = emb[1:] @ emb[0] / (emb[1:].norm(dim=-1) * emb[0].norm())
+            torch.testing.assert_close(cos, torch.tensor(entry.similarities[0]), rtol=1e-4, atol=1e-5)
+            checked += 1
+    assert checked >= 3
