@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime.transfer import index_tensor
+
 
 @dataclass(frozen=True)
 class WindowFrame:
@@ -61,7 +63,7 @@ class WindowCache:
 
     def gather(self, frames: tuple[WindowFrame, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V [L, B, Fe, N, H, D] and descriptors [B, Fe, Dd] of ``frames`` (copies)."""
-        slots = torch.tensor([f.slot for f in frames], device=self.k.device)
+        slots = index_tensor([f.slot for f in frames], self.k.device)
         return (self.k.index_select(2, slots), self.v.index_select(2, slots),
                 self.descriptors.index_select(1, slots))
 
@@ -69,7 +71,7 @@ class WindowCache:
         """Page ids [L, B, len(slots)] of slots when ``k``/``v`` are viewed as pages
         ``[L*B*W, N, H, D]``; a slot of -1 stays -1."""
         num_layers, batch, window = self.k.shape[:3]
-        slot_t = torch.tensor(slots, dtype=torch.int64, device=self.k.device)
+        slot_t = index_tensor(slots, self.k.device)
         base = torch.arange(num_layers * batch, device=self.k.device).view(num_layers, batch, 1) * window
         pages = base + slot_t
         return torch.where(slot_t >= 0, pages, torch.full_like(pages, -1))
