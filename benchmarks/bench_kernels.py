@@ -2,7 +2,8 @@
 
 On CUDA: median times (``triton.testing.do_bench``) of each kernel and of its PyTorch
 equivalent, bytes moved over time in GB/s next to a measured device-to-device copy
-bandwidth, and the speed-up; results go to a JSON file. Without CUDA nothing is timed:
+bandwidth, and the speed-up; results go to a JSON file with the environment record of
+``benchmarks/common.py`` (date, commit, versions, device). Without CUDA nothing is timed:
 the script says so and exits 0, or with ``--smoke`` runs both kernels once at tiny sizes
 in the Triton interpreter and checks them against the references.
 
@@ -11,11 +12,7 @@ in the Triton interpreter and checks them against the references.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,31 +20,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks import common  # noqa: E402
 
-COPY_BYTES = 1 << 30  # >= 1 GB so the copy measures DRAM, not L2
 SEARCH_CASES = [(1, 4096, 1024, 6), (8, 4096, 1024, 6), (8, 100_000, 1024, 6)]  # (B, N, D, k), bf16
 # Wan 1.3B: 30 layers, 1560 tokens per frame, 12 heads x 128; K=6 retrieved + window 12.
 SPLICE_CASE = dict(layers=30, batch=1, frames=6 + 12, grid=(30, 52), heads=12, head_dim=128)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def median_ms(fn) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def copy_bandwidth() -> dict:
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    return dict(bytes=2 * COPY_BYTES, ms=ms, gbps=2 * COPY_BYTES / ms / 1e6)
 
 
 def torch_search(query, keys, k, num_eligible):
@@ -95,10 +72,10 @@ def bench_search(copy_gbps: float) -> list[dict]:
         exact = bool(torch.equal(got[1], want[1]))
         nbytes = keys.numel() * keys.element_size() + query.numel() * query.element_size()
         times = {
-            "triton": median_ms(lambda: search_topk(query, keys, k, eligible, mode="triton")),
-            "triton_norms_kept": median_ms(lambda: search_topk(query, keys, k, eligible, key_norms=norms,
-                                                               mode="triton")),
-            "torch": median_ms(lambda: torch_search(query, keys, k, eligible)),
+            "triton": common.do_bench_ms(lambda: search_topk(query, keys, k, eligible, mode="triton")),
+            "triton_norms_kept": common.do_bench_ms(
+                lambda: search_topk(query, keys, k, eligible, key_norms=norms, mode="triton")),
+            "torch": common.do_bench_ms(lambda: torch_search(query, keys, k, eligible)),
         }
         results.append(dict(
             op="search_topk", shape=dict(B=batch, N=n, D=d, k=k), dtype="bfloat16", bytes=nbytes,
@@ -131,9 +108,10 @@ def bench_splice(copy_gbps: float) -> dict:
     v_exact = bool(torch.equal(outs[1], outs[3]))
     nbytes = 4 * pages * n * c["heads"] * c["head_dim"] * 2  # K and V, read once and written once
     times = {
-        "triton": median_ms(lambda: splice(pool_k, pool_v, page_ids, positions, tables, outs[0], outs[1],
-                                           mode="triton")),
-        "torch": median_ms(lambda: torch_splice(pool_k, pool_v, page_ids, positions, tables, outs[2], outs[3])),
+        "triton": common.do_bench_ms(
+            lambda: splice(pool_k, pool_v, page_ids, positions, tables, outs[0], outs[1], mode="triton")),
+        "torch": common.do_bench_ms(
+            lambda: torch_splice(pool_k, pool_v, page_ids, positions, tables, outs[2], outs[3])),
     }
     return dict(
         op="splice", shape=dict(L=c["layers"], B=c["batch"], Fc=c["frames"], N=n, H=c["heads"], D=c["head_dim"]),
@@ -176,19 +154,16 @@ def main() -> int:
             return smoke()
         print("bench_kernels: no CUDA device, nothing measured (--smoke runs a tiny interpreter check)")
         return 0
-    import triton
-    device_name = torch.cuda.get_device_name()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    copy = copy_bandwidth()
-    cases = bench_search(copy["gbps"]) + [bench_splice(copy["gbps"])]
-    report = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  copy_bandwidth=copy, cases=cases)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = args.out or REPO / "benchmarks" / "results" / f"kernels-{slug}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"device {device_name}; copy {copy['gbps']:.0f} GB/s")
+    device = torch.device("cuda", torch.cuda.current_device())
+    env = common.environment(device)
+    copy = common.copy_bandwidth(device)
+    copy_gbps = copy["d2d_bytes_per_s"] / 1e9
+    cases = bench_search(copy_gbps) + [bench_splice(copy_gbps)]
+    report = dict(benchmark="kernels", environment=env, copy_bandwidth=copy, cases=cases)
+    date = common.now().strftime("%Y-%m-%d")
+    out = args.out or REPO / "benchmarks" / "results" / f"kernels-{common.device_slug(device)}-{date}.json"
+    common.write_json(out, report)
+    print(f"device {env['device']['name']}; copy {copy_gbps:.0f} GB/s")
     print(f"{'case':<42} {'variant':<18} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
     for case in cases:
         label = case["op"] + " " + ",".join(f"{k}={v}" for k, v in case["shape"].items())

@@ -7,23 +7,21 @@ bandwidth of PagedHistoryStore against a measured pinned torch copy of the same 
     python benchmarks/bench_memory.py [--out benchmarks/results] [--quick]
     pytest benchmarks/bench_memory.py          # pytest-benchmark view of the CPU figures
 
-Writes ``<out>/memory-<device>-<date>.json`` with the device, commit and date.
+Writes ``<out>/memory-<device>-<date>.json`` starting with the environment record of
+``benchmarks/common.py`` (date, commit, versions, device).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import json
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402
 from lrag_engine.memory import _ext  # noqa: E402
 
 WAN_PAGE = (1560, 12, 128)  # tokens per latent frame, heads, head dim at Wan 1.3B / 480x832
@@ -43,36 +41,27 @@ def make_tables(layers: int, batch: int, gpu_frames: int, host_frames: int):
 def cpu_figures(layers: int = 30, batch: int = 1, frames: int = 3, reps: int = 200) -> dict:
     """Pages per second through append+drop (no spill) and append with spills to the host
     tier, and prefetch plans per second; medians over ``reps`` timed calls."""
+    def median(fn) -> float:
+        # no warm-up call: the spill case sizes its host tier for exactly `reps` appends
+        return common.median_seconds(fn, "cpu", warmup=0, reps=reps)
+
     out = {}
     mem, streams = make_tables(layers, batch, gpu_frames=4 * frames, host_frames=0)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        alloc_free_cycle(mem, streams, frames)
-        times.append(time.perf_counter() - t0)
+    seconds = median(functools.partial(alloc_free_cycle, mem, streams, frames))
     pages = 2 * frames * batch * layers  # allocated + freed
-    out["alloc_free_pages_per_s"] = pages / statistics.median(times)
-    out["alloc_free_cycle_us"] = 1e6 * statistics.median(times)
+    out["alloc_free_pages_per_s"] = pages / seconds
+    out["alloc_free_cycle_us"] = 1e6 * seconds
 
     # GPU tier of `frames` frames: every append spills the previous frames to the host.
     mem, streams = make_tables(layers, batch, gpu_frames=frames, host_frames=frames * (reps + 2))
     mem.append(streams, frames)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mem.append(streams, frames)
-        times.append(time.perf_counter() - t0)
-    out["append_with_spill_pages_per_s"] = frames * batch * layers / statistics.median(times)
+    seconds = median(functools.partial(mem.append, streams, frames))
+    out["append_with_spill_pages_per_s"] = frames * batch * layers / seconds
 
     # Prefetch of K=frames host frames into a full GPU tier (each evicts as many).
-    times = []
     n = mem.num_frames(streams[0])
-    for i in range(reps):
-        picks = [(3 * i + j) % (n - frames) for j in range(frames)]
-        t0 = time.perf_counter()
-        mem.prefetch([streams[0]] * frames, picks)
-        times.append(time.perf_counter() - t0)
-    out["prefetch_plan_us"] = 1e6 * statistics.median(times)
+    picks = iter([[(3 * i + j) % (n - frames) for j in range(frames)] for i in range(reps)])
+    out["prefetch_plan_us"] = 1e6 * median(lambda: mem.prefetch([streams[0]] * frames, next(picks)))
     out["shape"] = dict(layers=layers, batch=batch, frames_per_call=frames, reps=reps)
     return out
 
@@ -94,17 +83,8 @@ def cuda_figures(page_shape=WAN_PAGE, layers: int = 30, frames: int = 2, reps: i
     torch.cuda.synchronize()
 
     def timed(fn) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        fn()  # warm-up
-        samples = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(samples)
+        # each call from an idle device: a prefetch is issued when its frames are needed
+        return common.median_seconds(fn, dev, warmup=1, reps=reps, sync_each=True)
 
     # Alternate two disjoint frame sets so that every call loads `frames` frames from the host.
     sets = [torch.arange(frames).view(1, -1), torch.arange(frames, 2 * frames).view(1, -1)]
@@ -146,35 +126,24 @@ def cuda_figures(page_shape=WAN_PAGE, layers: int = 30, frames: int = 2, reps: i
     }
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="directory for the JSON result")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     args = parser.parse_args(argv)
-    _ext.load()
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": _commit(), "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-              "extension_with_cuda": _ext.load().with_cuda}
+    ext = _ext.load()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    result = {"environment": common.environment(device), "extension_with_cuda": ext.with_cuda}
     result["cpu_tables"] = cpu_figures(layers=4, frames=2, reps=20) if args.quick else cpu_figures()
-    cuda_reason = "no CUDA device visible to torch" if not torch.cuda.is_available() else None
-    if cuda_reason is None:
+    if cuda:
         result["cuda"] = cuda_figures(page_shape=(16, 2, 64), layers=2, reps=3) if args.quick else cuda_figures()
     else:
-        result["cuda"] = {"skipped": cuda_reason}
+        result["cuda"] = {"skipped": "no CUDA device visible to torch"}
     print(json.dumps(result, indent=2))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        device = result["cuda"].get("device", "cpu").replace(" ", "-")
-        path = args.out / f"memory-{device}-{result['date'][:10]}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        date = result["environment"]["date"][:10]
+        path = common.write_json(args.out / f"memory-{common.device_slug(device)}-{date}.json", result)
         print(f"wrote {path}")
     return result
 

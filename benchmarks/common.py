@@ -5,6 +5,9 @@ Everything works without a GPU and without NVML: GPU-only fields become ``None``
 
     env = environment(device)                  # date, commit, versions, device info
     rate = matmul_rate(device)                 # measured FLOP/s (bf16 on CUDA, float32 on CPU)
+    copy = copy_bandwidth(device)              # measured device copy (and pinned H2D) bytes/s
+    seconds = median_seconds(fn, device)       # median of CUDA events / perf_counter
+    ms = do_bench_ms(fn)                       # CUDA: triton do_bench median, L2 cleared
     with NvmlSampler(device) as power: ...     # power / clocks sampled while the block runs
     write_json(path, result)
 """
@@ -248,15 +251,28 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device | str, warmup: int = 3,
-                   reps: int = 10) -> float:
+                   reps: int = 10, sync_each: bool = False) -> float:
     """Median time of ``fn()`` over ``reps`` calls after ``warmup`` calls: CUDA events
-    around each call on CUDA, perf_counter on the CPU."""
+    around each call on CUDA, perf_counter on the CPU.
+
+    sync_each (CUDA): wait for the device before each call, so that every sample starts
+    on an idle device and includes the host work of issuing the call (the latency of one
+    call made when needed) instead of overlapping it with the previous call's copies."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
-    if device.type == "cuda":
+    if device.type == "cuda" and sync_each:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(reps):
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    elif device.type == "cuda":
         pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                  for _ in range(reps)]
         for start, end in pairs:
@@ -271,6 +287,14 @@ def median_seconds(fn: Callable[[], object], device: torch.device | str, warmup:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def do_bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    """Median milliseconds of ``fn()`` on CUDA by ``triton.testing.do_bench``, which clears
+    the L2 cache before every call: a kernel then reads its inputs from DRAM, as in the
+    engine where other layers' work evicts them between calls."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def matmul_rate(device: torch.device | str, n: int | None = None) -> dict:

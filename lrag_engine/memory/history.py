@@ -22,6 +22,23 @@ class HistoryFullError(RuntimeError):
     """The history byte budget is exhausted and the overflow policy is "error"."""
 
 
+def check_append_args(store, k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> int:
+    """Checks the arguments of ``store.append`` against the store's shapes and returns Fe.
+
+    store: a history store (``num_layers``, ``batch``, ``page_shape`` = (N, H, D),
+    ``descriptor_dim``); k, v: [L, B, Fe, N, H, D]; descriptors: [B, Fe, Dd].
+    """
+    expected = (store.num_layers, store.batch)
+    if k.shape[:2] != expected or k.shape[3:] != store.page_shape or v.shape != k.shape:
+        raise ValueError(f"history.append: k/v must be [L={expected[0]}, B={expected[1]}, Fe, "
+                         f"{', '.join(map(str, store.page_shape))}], got {tuple(k.shape)} / {tuple(v.shape)}")
+    fe = k.shape[2]
+    if descriptors.shape[:2] != (store.batch, fe) or descriptors.shape[2] != store.descriptor_dim:
+        raise ValueError(f"history.append: descriptors must be [B={store.batch}, Fe={fe}, "
+                         f"{store.descriptor_dim}], got {tuple(descriptors.shape)}")
+    return fe
+
+
 class HistoryStore:
     """Single-tier store on one device. Page id of (frame f, stream b, layer l) is
     ``(f * B + b) * L + l``, so appending frames appends whole runs of pages.
@@ -37,6 +54,7 @@ class HistoryStore:
         self.num_layers, self.batch = num_layers, batch
         self.page_shape = (tokens_per_frame, num_heads, head_dim)
         self.dtype, self.device = dtype, torch.device(device)
+        self.descriptor_dim = descriptor_dim
         self.overflow_policy = overflow_policy
         self.frame_bytes = 2 * num_layers * batch * tokens_per_frame * num_heads * head_dim * dtype.itemsize
         self.max_frames = None if gpu_budget_bytes is None else gpu_budget_bytes // self.frame_bytes
@@ -76,14 +94,7 @@ class HistoryStore:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> None:
         """k, v: [L, B, Fe, N, H, D]; descriptors: [B, Fe, Dd] (float32)."""
-        expected = (self.num_layers, self.batch)
-        if k.shape[:2] != expected or k.shape[3:] != self.page_shape or v.shape != k.shape:
-            raise ValueError(f"history.append: k/v must be [L={expected[0]}, B={expected[1]}, Fe, "
-                             f"{', '.join(map(str, self.page_shape))}], got {tuple(k.shape)} / {tuple(v.shape)}")
-        fe = k.shape[2]
-        if descriptors.shape[:2] != (self.batch, fe) or descriptors.shape[2] != self._desc.shape[2]:
-            raise ValueError(f"history.append: descriptors must be [B={self.batch}, Fe={fe}, "
-                             f"{self._desc.shape[2]}], got {tuple(descriptors.shape)}")
+        fe = check_append_args(self, k, v, descriptors)
         if self.max_frames is not None and self.num_frames + fe > self.max_frames:
             if self.overflow_policy == "error" or fe > self.max_frames:
                 raise HistoryFullError(

@@ -7,10 +7,8 @@ Storage: torch allocates the pools (``pool_k``/``pool_v`` ``[G, N, H, D]`` on th
 ``host_k``/``host_v`` ``[Hs, N, H, D]`` pinned on the host), so the caching allocator and
 every dtype come for free and the extension builds without torch. The extension owns
 page allocation, per-stream page tables, reference counts, tier placement and the LRU;
-it returns copy plans that this module executes. On CUDA the copies run on a side copy
-stream ordered against the compute stream with stream waits (events), never a host sync;
-they use the extension's ``cudaMemcpyAsync`` batcher on raw pointers when it can run,
-else per-page ``copy_(non_blocking=True)`` from/to the pinned pool.
+it returns copy plans that :mod:`~lrag_engine.memory.tier_copy` executes (on CUDA on
+a side copy stream ordered against the compute stream, never a host sync).
 
 Page ids returned by :meth:`page_ids` are rows of ``pool_k``/``pool_v`` (GPU-tier slots).
 A device mirror of the batch streams' page tables, ``[B, frames, L]`` int64 with -1 for
@@ -27,7 +25,8 @@ import warnings
 import torch
 
 from lrag_engine.memory import _ext
-from lrag_engine.memory.history import HistoryFullError, HistoryStore
+from lrag_engine.memory.history import HistoryFullError, HistoryStore, check_append_args
+from lrag_engine.memory.tier_copy import TierCopier, to_device
 
 OVERFLOW_POLICIES = ("error", "drop_oldest")
 # Retrievals served without a sync are applied to the LRU at the next append/prefetch;
@@ -91,10 +90,10 @@ class PagedHistoryStore:
         self.pool_v = torch.empty_like(self.pool_k)
         self.host_k = torch.empty(host_slots, *self.page_shape, dtype=dtype, pin_memory=on_cuda and host_slots > 0)
         self.host_v = torch.empty(self.host_k.shape, dtype=dtype, pin_memory=on_cuda and host_slots > 0)
-        self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
-        self._raw_copies = on_cuda and _ext.cuda_copy_reason() is None
+        self._copier = TierCopier(self.device, self.page_bytes)
         self._pending_touches: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
+        self.descriptor_dim = descriptor_dim
         self._desc = torch.zeros(batch, 0, descriptor_dim, dtype=torch.float32, device=self.device)
         self._norms = torch.zeros(batch, 0, dtype=torch.float32, device=self.device)
         self._table = torch.full((batch, 0, num_layers), -1, dtype=torch.int64, device=self.device)
@@ -105,6 +104,16 @@ class PagedHistoryStore:
         self._reserve_frames(min(initial_frames, self.max_frames or initial_frames))
 
     # ---- sizes ------------------------------------------------------------------------
+
+    @property
+    def _raw_copies(self) -> bool:
+        """Whether tier moves use the extension's cudaMemcpyAsync batcher; False forces the
+        per-page torch copies (both paths are tested)."""
+        return self._copier.raw
+
+    @_raw_copies.setter
+    def _raw_copies(self, raw: bool) -> None:
+        self._copier.raw = raw
 
     @property
     def capacity_frames(self) -> int:
@@ -146,31 +155,16 @@ class PagedHistoryStore:
             setattr(self, name, new)
         self._mem.grow(slots, usage["host_capacity"])
 
-    def _to_device(self, values) -> torch.Tensor:
-        """int64 list or array -> device tensor; on CUDA through pinned memory, so the
-        copy is asynchronous (the pinned block is held by torch until the copy is done)."""
-        t = torch.as_tensor(values, dtype=torch.int64)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     def _refresh_table(self) -> None:
         table = self._mem.gpu_slot_table(self._streams, self.capacity_frames)
-        self._table.copy_(self._to_device(table), non_blocking=True)
+        self._table.copy_(to_device(table, self.device), non_blocking=True)
         self._all_resident = self._mem.all_gpu_resident(self._streams)
 
     # ---- append / drop ----------------------------------------------------------------
 
     def append(self, k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> None:
         """k, v: [L, B, Fe, N, H, D]; descriptors: [B, Fe, Dd] (float32)."""
-        expected = (self.num_layers, self.batch)
-        if k.shape[:2] != expected or k.shape[3:] != self.page_shape or v.shape != k.shape:
-            raise ValueError(f"history.append: k/v must be [L={expected[0]}, B={expected[1]}, Fe, "
-                             f"{', '.join(map(str, self.page_shape))}], got {tuple(k.shape)} / {tuple(v.shape)}")
-        fe = k.shape[2]
-        if descriptors.shape[:2] != (self.batch, fe) or descriptors.shape[2] != self._desc.shape[2]:
-            raise ValueError(f"history.append: descriptors must be [B={self.batch}, Fe={fe}, "
-                             f"{self._desc.shape[2]}], got {tuple(descriptors.shape)}")
+        fe = check_append_args(self, k, v, descriptors)
         if fe == 0:
             return
         self._apply_touches()
@@ -186,7 +180,7 @@ class PagedHistoryStore:
             n = min(chunk, fe - f0)
             plan = self._mem.append(self._streams, n)
             self._move_pages(plan)
-            slots = self._to_device(plan.new_gpu)
+            slots = to_device(plan.new_gpu, self.device)
             # [L, B, n, ...] -> new_gpu order (stream b, frame f, layer l)
             for pool, src in ((self.pool_k, k), (self.pool_v, v)):
                 pages = src[:, :, f0:f0 + n].permute(1, 2, 0, 3, 4, 5).reshape(n * self.pages_per_frame, *self.page_shape)
@@ -271,7 +265,7 @@ class PagedHistoryStore:
         return [self._streams[i] for i in b.tolist()], frame_ids[b, k].tolist()
 
     def _record_touches(self, frame_ids: torch.Tensor) -> None:
-        if self._copy_stream is None:
+        if self.device.type != "cuda":
             self._pending_touches.append((frame_ids.clone(), None))
         else:
             host = torch.empty(frame_ids.shape, dtype=torch.int64, pin_memory=True)
@@ -295,58 +289,7 @@ class PagedHistoryStore:
     # ---- tier moves -------------------------------------------------------------------
 
     def _move_pages(self, plan) -> None:
-        """Executes the evictions then the loads of a copy plan on both pools."""
-        if not plan.evict_gpu and not plan.load_gpu:
-            return
-        # A swap (eviction into a host slot a load of this plan reads) needs the evicted
-        # pages staged before the loads overwrite their GPU slots.
-        staged = bool(set(plan.evict_host) & set(plan.load_host))
-        if self._copy_stream is None:
-            self._move_pages_torch(plan, staged)
-            return
-        compute = torch.cuda.current_stream(self.device)
-        self._copy_stream.wait_stream(compute)  # appended/read pages are final before moving
-        with torch.cuda.stream(self._copy_stream):
-            if self._raw_copies:
-                self._move_pages_raw(plan, staged)
-            else:
-                self._move_pages_torch(plan, staged)
-        compute.wait_stream(self._copy_stream)
-
-    def _move_pages_torch(self, plan, staged: bool) -> None:
-        cpu = self._copy_stream is None
-        for pool, host in ((self.pool_k, self.host_k), (self.pool_v, self.host_v)):
-            if cpu:
-                # index_select copies, so every eviction is read before the loads land
-                evicted = pool[torch.tensor(plan.evict_gpu, dtype=torch.int64)]
-                pool[torch.tensor(plan.load_gpu, dtype=torch.int64)] = host[torch.tensor(plan.load_host, dtype=torch.int64)]
-                host[torch.tensor(plan.evict_host, dtype=torch.int64)] = evicted
-                continue
-            if staged:
-                evicted = pool[self._to_device(plan.evict_gpu)]
-            else:
-                for g, h in zip(plan.evict_gpu, plan.evict_host):
-                    host[h].copy_(pool[g], non_blocking=True)
-            for h, g in zip(plan.load_host, plan.load_gpu):
-                pool[g].copy_(host[h], non_blocking=True)
-            if staged:
-                for i, h in enumerate(plan.evict_host):
-                    host[h].copy_(evicted[i], non_blocking=True)
-
-    def _move_pages_raw(self, plan, staged: bool) -> None:
-        ext, stream = _ext.load(), self._copy_stream.cuda_stream
-        dev = self.device.index
-        n = len(plan.evict_gpu)
-        for pool, host in ((self.pool_k, self.host_k), (self.pool_v, self.host_v)):
-            if staged:
-                evicted = torch.empty(n, *self.page_shape, dtype=self.dtype, device=self.device)
-                ext.copy_pages(evicted.data_ptr(), list(range(n)), pool.data_ptr(), plan.evict_gpu, self.page_bytes, stream, dev)
-            else:
-                ext.copy_pages(host.data_ptr(), plan.evict_host, pool.data_ptr(), plan.evict_gpu, self.page_bytes, stream, dev)
-            ext.copy_pages(pool.data_ptr(), plan.load_gpu, host.data_ptr(), plan.load_host, self.page_bytes, stream, dev)
-            if staged:
-                ext.copy_pages(host.data_ptr(), plan.evict_host, evicted.data_ptr(), list(range(n)), self.page_bytes,
-                               stream, dev)
+        self._copier.move(plan, ((self.pool_k, self.host_k), (self.pool_v, self.host_v)))
 
     # ---- streams and inspection -------------------------------------------------------
 
@@ -397,8 +340,7 @@ class PagedHistoryStore:
         return k.view(shape).transpose(0, 1), v.view(shape).transpose(0, 1)
 
     def _gather(self, pages: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._copy_stream is not None:
-            self._copy_stream.synchronize()  # host-tier pages may still be in flight
+        self._copier.synchronize()  # host-tier pages may still be in flight
         gpu_tier = _ext.load().Tier.GPU
         out_k = torch.empty(len(pages), *self.page_shape, dtype=self.dtype, device=self.device)
         out_v = torch.empty_like(out_k)
