@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import MODEL_PRESETS, MemoryConfig, ModelConfig, RuntimeConfig
+from .memory.history import HistoryFullError
 
 DEFAULT_FRAMES = 48
 
@@ -106,8 +107,8 @@ def cmd_generate(args) -> int:
         for out in stream:
             outputs.append(out)
             bar.update(1)
+    latents = torch.cat([o.latents for o in outputs], dim=1).cpu()   # waits for the device
     elapsed = time.perf_counter() - start
-    latents = torch.cat([o.latents for o in outputs], dim=1).cpu()
     log = [o.log.to_dict() for o in outputs]
 
     out_dir = Path(args.out)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["generate", *(argv or [])])
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, HistoryFullError) as exc:
         print(f"lrag-engine: error: {exc}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,7 @@ import torch
 from .attention.backend import get_backend
 from .config import MemoryConfig, ModelConfig, RuntimeConfig
 from .memory.cache import RetrievalCache
+from .memory.history import HistoryFullError
 from .memory.retrieval import BlockLog, Descriptor, MeanDescriptor
 from .models.checkpoint import LoadReport, load_weights
 from .models.wan import WanModel
@@ -123,6 +124,9 @@ class Engine:
         elif self.memory.descriptor == "encoder" and descriptor is None:
             raise ValueError("MemoryConfig.descriptor='encoder' needs an encoder checkpoint (encoder=...)")
         self.descriptor = descriptor or MeanDescriptor(self.model_config.in_channels)
+        dim = getattr(self.descriptor, "dim", None)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"descriptor must have a positive int .dim, got {dim!r}")
 
         cfg = self.model_config
         self.tables = RopeTables.build(cfg.head_dim, cfg.height // cfg.patch_size[1],
@@ -159,8 +163,8 @@ class Engine:
         if text is None:
             text = self.default_text(batch)
         _check_tensor("text", text, (batch, None, cfg.text_dim))
-        if text.shape[1] > cfg.text_len:
-            raise ValueError(f"text has {text.shape[1]} tokens, more than text_len={cfg.text_len}")
+        if not 1 <= text.shape[1] <= cfg.text_len:
+            raise ValueError(f"text must have 1..text_len={cfg.text_len} tokens, got {text.shape[1]}")
         num_blocks = num_frames // frames_per_block
         steps = len(self.schedule)
         if renoise_list is not None:
@@ -172,8 +176,11 @@ class Engine:
             for i, r in enumerate(renoise_list):
                 _check_tensor(f"renoise[{i}]", r, (batch, frames_per_block, *latent_shape))
         seed = self.seed if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self._check_history_budget(num_frames, batch)
         if noise is None:
-            # Initial noise from a CPU generator: the same video on every device type.
+            # Initial noise from a CPU generator: the same initial noise on every device type.
             noise = torch.randn(batch, num_frames, *latent_shape, generator=torch.Generator().manual_seed(seed))
         # Re-noise is drawn where it is used, so the block loop never copies from the host.
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -194,10 +201,31 @@ class Engine:
             num_frames, text, noise, renoise, seed, batch_size)
         return self._run(batch, num_blocks, text, noise, renoise_list, generator)
 
-    def _forward(self, cache: RetrievalCache, graphs: GraphCache | None, x: torch.Tensor,
+    def _check_history_budget(self, num_frames: int, batch: int) -> None:
+        """With overflow_policy="error", a run whose history cannot fit the budgets fails
+        before any work, not minutes into it."""
+        mem, cfg = self.memory, self.model_config
+        budgets = [b for b in (mem.gpu_budget_bytes, mem.host_budget_bytes) if b is not None]
+        if mem.top_k == 0 or mem.overflow_policy != "error" or not budgets:
+            return
+        frame_bytes = 2 * cfg.num_layers * batch * cfg.tokens_per_frame * cfg.dim * self.dtype.itemsize
+        if mem.history_tier == "host":   # the host tier plus the device staging pool
+            capacity = mem.host_budget_bytes // frame_bytes + mem.top_k + mem.frames_per_block
+        elif mem.host_budget_bytes is not None:
+            capacity = sum(budgets) // frame_bytes
+        else:
+            capacity = mem.gpu_budget_bytes // frame_bytes
+        needed = max(0, num_frames - mem.window)
+        if needed > capacity:
+            raise HistoryFullError(
+                f"{num_frames} frames evict {needed} frames into the history, but the budgets hold "
+                f"{capacity} frames of {frame_bytes} bytes; raise gpu_budget_bytes/host_budget_bytes, "
+                "generate fewer frames, or set overflow_policy='drop_oldest'")
+
+    def _forward(self, cache: RetrievalCache, graphs: GraphCache | None, seen: set[tuple], x: torch.Tensor,
                  t: torch.Tensor, cross_kv, recache: bool) -> torch.Tensor:
         attention = cache.attention(recache=recache)
-        if graphs is None or cache.signature not in self._seen_signatures:
+        if graphs is None or cache.signature not in seen:
             # A shape seen for the first time (the blocks before the window fills) runs
             # eagerly; from its second block on it gets a static forward.
             return self.model(x, t, cross_kv, attention)
@@ -215,7 +243,7 @@ class Engine:
         self.cache = cache   # the last run's memory, for inspection
         graphs = GraphCache(capture=self.device.type == "cuda") if rt.cuda_graphs else None
         self.graphs = graphs   # the last run's static forwards, for inspection
-        self._seen_signatures: set[tuple] = set()
+        seen: set[tuple] = set()   # context signatures already run once (eagerly)
         with torch.inference_mode():
             cross_kv = self.model.encode_text(text.to(self.device, self.dtype))
         sigmas = self.schedule.sigmas
@@ -229,27 +257,30 @@ class Engine:
         renoise_iter = iter(renoise_list) if renoise_list is not None else None
         latent_shape = noise.shape[2:]
 
-        for block in range(num_blocks):
-            start = time.perf_counter()
-            with torch.inference_mode():
-                log = cache.begin_block(f)
-                x = noise[:, block * f:(block + 1) * f]
-                for i, sigma in enumerate(sigmas):
-                    flow = self._forward(cache, graphs, x, step_t[i], cross_kv, recache=False)
-                    x0 = predict_x0(x, flow, sigma)
-                    if i + 1 < len(sigmas):
-                        if renoise_iter is not None:
-                            fresh = next(renoise_iter)
-                        else:
-                            fresh = torch.randn(batch, f, *latent_shape, generator=generator,
-                                                device=self.device)
-                        x = renoise(x0, fresh, sigmas[i + 1])
-                cache.end_block(x0)
-                self._forward(cache, graphs, x0, zero_t, cross_kv, recache=True)
-                self._seen_signatures.add(cache.signature)
-                if block + 1 < num_blocks:
-                    cache.start_retrieval()   # overlaps with the recache pass on CUDA
-            yield BlockOutput(block, (block * f, (block + 1) * f), x0, log, time.perf_counter() - start)
+        try:
+            for block in range(num_blocks):
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    log = cache.begin_block(f)
+                    x = noise[:, block * f:(block + 1) * f]
+                    for i, sigma in enumerate(sigmas):
+                        flow = self._forward(cache, graphs, seen, x, step_t[i], cross_kv, recache=False)
+                        x0 = predict_x0(x, flow, sigma)
+                        if i + 1 < len(sigmas):
+                            if renoise_iter is not None:
+                                fresh = next(renoise_iter)
+                            else:
+                                fresh = torch.randn(batch, f, *latent_shape, generator=generator,
+                                                    device=self.device)
+                            x = renoise(x0, fresh, sigmas[i + 1])
+                    cache.end_block(x0)
+                    self._forward(cache, graphs, seen, x0, zero_t, cross_kv, recache=True)
+                    seen.add(cache.signature)
+                    if block + 1 < num_blocks:
+                        cache.start_retrieval()   # overlaps with the recache pass on CUDA
+                yield BlockOutput(block, (block * f, (block + 1) * f), x0, log, time.perf_counter() - start)
+        finally:
+            cache.close()   # a consumer may stop early; settle the side stream first
 
     def generate(self, num_frames: int, text: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  renoise: Sequence[torch.Tensor] | None = None, seed: int | None = None,

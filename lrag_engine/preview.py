@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 PREVIEW_SEED = 1234
+QUANTILE_SAMPLE = 1 << 20
 
 
 def latent_to_rgb_matrix(channels: int) -> torch.Tensor:
@@ -22,7 +23,11 @@ def latent_to_rgb_matrix(channels: int) -> torch.Tensor:
 def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
     """latents [T, C, H, W] -> uint8 images [T, H, W, 3], one scale for the whole video."""
     rgb = torch.einsum("tchw,cd->thwd", latents.float().cpu(), latent_to_rgb_matrix(latents.shape[1]))
-    lo, hi = torch.quantile(rgb.flatten(), torch.tensor([0.01, 0.99])).tolist()
+    flat = rgb.flatten()
+    if flat.numel() > QUANTILE_SAMPLE:   # torch.quantile refuses more than 2**24 values
+        pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(PREVIEW_SEED))
+        flat = flat[pick[:QUANTILE_SAMPLE]]
+    lo, hi = torch.quantile(flat, torch.tensor([0.01, 0.99])).tolist()
     scale = max(hi - lo, 1e-6)
     return ((rgb - lo) / scale).clamp(0, 1).mul(255).round().to(torch.uint8)
 

@@ -73,7 +73,7 @@ class RetrievalCache:
         self.block_slots = torch.zeros(memory.frames_per_block, dtype=torch.int64, device=self.device)
         self._rope: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._refetch: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._refetch: tuple[torch.Tensor, int] | None = None
         self._pending: tuple[RetrievalResult, torch.cuda.Event | None] | None = None
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._descriptors_ready = torch.cuda.Event() if self._side_stream is not None else None
@@ -86,6 +86,7 @@ class RetrievalCache:
         if refetch_per_forward:
             # The baseline keeps the history in host memory, like the public reference it
             # reproduces, and reads it again in every forward.
+            # (HistoryStore's single budget here bounds host memory.)
             return HistoryStore(device="cpu", gpu_budget_bytes=mem.host_budget_bytes, **common)
         if mem.history_tier == "host":
             # Every history frame lives in the pinned host tier; the device pool only
@@ -128,6 +129,13 @@ class RetrievalCache:
             done.record(self._side_stream)
         self._pending = (result, done)
 
+    def close(self) -> None:
+        """Make the compute stream wait for a search still queued on the side stream, so
+        the memory it uses is not handed out again while it runs."""
+        if self._pending is not None and self._pending[1] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._pending[1])
+        self._pending = None
+
     # ------------------------------------------------------------------ block start
     def begin_block(self, frames: int) -> Callable[[], BlockLog]:
         """Search the history (unless ``start_retrieval`` already did), evict what the block
@@ -143,7 +151,7 @@ class RetrievalCache:
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
             for tensor in (result.index, result.scores, result.pages):
-                if tensor is not None:
+                if tensor is not None and tensor.is_cuda:
                     tensor.record_stream(torch.cuda.current_stream(self.device))
         # Global id of history frame i, fixed before this block's evictions.
         frame_offset = self.memory.sink + self.history.dropped_frames
@@ -157,7 +165,8 @@ class RetrievalCache:
         # Retrieved pages are spliced before this block's evictions enter the history, so
         # an append that spills pages can never move them under the splice.
         self._splice_retrieved(layout, result)
-        if placement.evicted:
+        # Native mode (top_k = 0) never reads the history: evicted frames are dropped.
+        if placement.evicted and self.memory.top_k > 0:
             k, v, desc = self.window.gather(placement.evicted)
             self.history.append(k, v, desc)   # may raise before the window changes
         self.window.commit(placement)
@@ -233,7 +242,11 @@ class RetrievalCache:
     def end_block(self, clean: torch.Tensor) -> None:
         """clean [B, F, C, H, W]: the block's output; its descriptors index the frames."""
         b, f = clean.shape[:2]
-        desc = self.descriptor(clean.flatten(0, 1)).float().view(b, f, -1)
+        desc = self.descriptor(clean.flatten(0, 1)).float()
+        if desc.shape != (b * f, self.descriptor.dim):
+            raise ValueError(f"descriptor returned {tuple(desc.shape)} for {b * f} frames; expected "
+                             f"[{b * f}, {self.descriptor.dim}] (its .dim)")
+        desc = desc.view(b, f, -1)
         self.window.descriptors.index_copy_(1, self.block_slots, desc)
         self.query = desc[:, -1]
         if self._descriptors_ready is not None:

@@ -120,8 +120,13 @@ class HistoryStore:
                       f"(overflow_policy='drop_oldest'); they can no longer be retrieved", stacklevel=3)
         keep = self.num_frames - count
         per_frame = self.batch * self.num_layers
+        # Shift down in chunks of the dropped size: chunks never overlap, so no temporary
+        # of the whole budget is needed.
+        step = count * per_frame
         for pool in (self.pool_k, self.pool_v):
-            pool[: keep * per_frame] = pool[count * per_frame: self.num_frames * per_frame].clone()
+            for dst in range(0, keep * per_frame, step):
+                n = min(step, keep * per_frame - dst)
+                pool[dst:dst + n].copy_(pool[dst + step:dst + step + n])
         self._desc[:, :keep] = self._desc[:, count:self.num_frames].clone()
         self._norms[:, :keep] = self._norms[:, count:self.num_frames].clone()
         self.num_frames = keep

@@ -26,7 +26,8 @@ import torch
 
 from lrag_engine.memory import _ext
 from lrag_engine.memory.history import HistoryFullError, HistoryStore, check_append_args
-from lrag_engine.memory.tier_copy import TierCopier, to_device
+from lrag_engine.memory.tier_copy import TierCopier
+from lrag_engine.runtime.transfer import index_tensor
 
 OVERFLOW_POLICIES = ("error", "drop_oldest")
 # Retrievals served without a sync are applied to the LRU at the next append/prefetch;
@@ -157,7 +158,7 @@ class PagedHistoryStore:
 
     def _refresh_table(self) -> None:
         table = self._mem.gpu_slot_table(self._streams, self.capacity_frames)
-        self._table.copy_(to_device(table, self.device), non_blocking=True)
+        self._table.copy_(index_tensor(table, self.device), non_blocking=True)
         self._all_resident = self._mem.all_gpu_resident(self._streams)
 
     # ---- append / drop ----------------------------------------------------------------
@@ -180,7 +181,7 @@ class PagedHistoryStore:
             n = min(chunk, fe - f0)
             plan = self._mem.append(self._streams, n)
             self._move_pages(plan)
-            slots = to_device(plan.new_gpu, self.device)
+            slots = index_tensor(plan.new_gpu, self.device)
             # [L, B, n, ...] -> new_gpu order (stream b, frame f, layer l)
             for pool, src in ((self.pool_k, k), (self.pool_v, v)):
                 pages = src[:, :, f0:f0 + n].permute(1, 2, 0, 3, 4, 5).reshape(n * self.pages_per_frame, *self.page_shape)

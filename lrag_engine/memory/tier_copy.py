@@ -14,15 +14,7 @@ from typing import Sequence
 import torch
 
 from lrag_engine.memory import _ext
-
-
-def to_device(values, device: torch.device) -> torch.Tensor:
-    """int64 list or array -> int64 tensor on ``device``; on CUDA through pinned memory,
-    so the copy is asynchronous (the pinned block is held by torch until the copy is done)."""
-    t = torch.as_tensor(values, dtype=torch.int64)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+from lrag_engine.runtime.transfer import index_tensor
 
 
 class TierCopier:
@@ -82,7 +74,7 @@ class TierCopier:
     def _move_torch(self, plan, pools, staged: bool) -> None:
         for pool, host in pools:
             if staged:
-                evicted = pool[to_device(plan.evict_gpu, self.device)]
+                evicted = pool[index_tensor(plan.evict_gpu, self.device)]
             else:
                 for g, h in zip(plan.evict_gpu, plan.evict_host):
                     host[h].copy_(pool[g], non_blocking=True)

@@ -7,14 +7,13 @@ allocator keeps the staging block alive until the copy has run.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 
-def index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """int64 tensor of ``values`` on ``device``, copied asynchronously on CUDA."""
-    host = torch.tensor(list(values), dtype=torch.int64)
+def index_tensor(values, device: torch.device) -> torch.Tensor:
+    """int64 tensor of ``values`` (a sequence or array of ints) on ``device``, copied
+    asynchronously on CUDA."""
+    host = torch.as_tensor(values, dtype=torch.int64)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -93,7 +93,7 @@ def test_missing_checkpoint_keys_are_named(tmp_path):
     (dict(noise=torch.zeros(1, 24, 16, 8, 11)), "noise must have shape"),
     (dict(noise=torch.full((1, 24, 16, 8, 12), float("nan"))), "noise contains NaN"),
     (dict(text=torch.zeros(1, 5, 31)), "text must have shape"),
-    (dict(text=torch.zeros(1, 17, 32)), "more than text_len"),
+    (dict(text=torch.zeros(1, 17, 32)), "1..text_len=16 tokens, got 17"),
     (dict(text=torch.full((1, 5, 32), float("inf"))), "text contains NaN or inf"),
     (dict(renoise=[torch.zeros(1, 3, 16, 8, 12)]), "renoise must hold"),
 ], ids=["frames-25", "frames-0", "noise-shape", "noise-nan", "text-dim", "text-len", "text-inf",
@@ -174,3 +174,49 @@ def test_encoder_descriptors_drive_retrieval(tmp_path):
             torch.testing.assert_close(cos, torch.tensor(entry.similarities[0]), rtol=1e-4, atol=1e-5)
             checked += 1
     assert checked >= 3
+
+
+def test_more_bad_inputs_name_the_value():
+    engine = _engine()
+    with pytest.raises(ValueError, match="1..text_len"):
+        engine.stream(FRAMES, text=torch.zeros(1, 0, TINY.text_dim))
+    with pytest.raises(ValueError, match="seed must be an int"):
+        engine.generate(FRAMES, seed="abc")
+
+    class NoDim:
+        def __call__(self, frames):
+            return frames.mean(dim=(-2, -1))
+    with pytest.raises(ValueError, match=r"positive int \.dim"):
+        Engine(TINY, descriptor=NoDim())
+
+    class WrongWidth:
+        dim = 5
+        def __call__(self, frames):
+            return frames.mean(dim=(-2, -1))
+    bad = Engine(TINY, MemoryConfig(window=6, top_k=2, recency_guard=1), descriptor=WrongWidth())
+    with pytest.raises(ValueError, match=r"expected \[3, 5\]"):
+        bad.generate(6)
+
+
+def test_budget_too_small_fails_before_any_work():
+    from lrag_engine.memory.history import HistoryFullError
+    frame_bytes = 2 * TINY.num_layers * TINY.tokens_per_frame * TINY.dim * 4
+    engine = _engine(window=6, top_k=2, recency_guard=1, gpu_budget_bytes=10 * frame_bytes)
+    with pytest.raises(HistoryFullError, match="evict 18 frames"):
+        engine.stream(24)
+    assert engine.generate(12).latents.shape[1] == 12     # 6 evicted frames fit
+
+
+def test_native_mode_keeps_no_history():
+    engine = _engine(window=6, top_k=0, recency_guard=1)
+    engine.generate(FRAMES)
+    assert engine.cache.history.num_frames == 0
+
+
+def test_stopping_a_stream_early_leaves_the_engine_usable():
+    engine = _engine(window=6, top_k=2, recency_guard=1)
+    full = engine.generate(FRAMES, seed=2).latents
+    stream = engine.stream(FRAMES, seed=2)
+    next(stream), next(stream)
+    stream.close()
+    assert torch.equal(engine.generate(FRAMES, seed=2).latents, full)
