@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -104,6 +105,12 @@ class Engine:
         if self.runtime.cuda_graphs and self.device.type != "cuda":
             warnings.warn(f"cuda_graphs=True on {self.device}: CUDA graphs need a CUDA device; running the "
                           "same static-buffer forwards eagerly", stacklevel=2)
+        if lora is not None and checkpoint is None:
+            raise ValueError("a LoRA file needs a base checkpoint (checkpoint=...)")
+        if encoder is not None and descriptor is not None:
+            raise ValueError("give either encoder= (a checkpoint) or descriptor= (a callable), not both")
+        if self.memory.descriptor == "encoder" and encoder is None and descriptor is None:
+            raise ValueError("MemoryConfig.descriptor='encoder' needs an encoder checkpoint (encoder=...)")
 
         self.model = WanModel(self.model_config, dtype=self.dtype, device=self.device,
                               attention_backend=self.attend, seed=seed).eval()
@@ -112,17 +119,11 @@ class Engine:
         if checkpoint is not None:
             self.load_report = load_weights(self.model, checkpoint, lora_path=lora, lora_alpha=lora_alpha,
                                             key=checkpoint_key)
-        elif lora is not None:
-            raise ValueError("a LoRA file needs a base checkpoint (checkpoint=...)")
 
-        if encoder is not None and descriptor is not None:
-            raise ValueError("give either encoder= (a checkpoint) or descriptor= (a callable), not both")
         if encoder is not None:
             from .encoder.descriptor import EncoderDescriptor
             descriptor = EncoderDescriptor.from_checkpoint(encoder, device=self.device)
-            self.memory.descriptor = "encoder"
-        elif self.memory.descriptor == "encoder" and descriptor is None:
-            raise ValueError("MemoryConfig.descriptor='encoder' needs an encoder checkpoint (encoder=...)")
+            self.memory = dataclasses.replace(self.memory, descriptor="encoder")
         self.descriptor = descriptor or MeanDescriptor(self.model_config.in_channels)
         dim = getattr(self.descriptor, "dim", None)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
