@@ -1,4 +1,4 @@
-"""Command line: ``lrag-engine generate`` plus the encoder commands.
+"""lrag-engine: generate latent videos with LongLive-RAG memory; collect latents, train and evaluate the retrieval encoder.
 
 With no arguments, ``generate`` runs the built-in default: the tiny preset with
 seeded random weights and a fixed random text embedding, 48 latent frames (16
