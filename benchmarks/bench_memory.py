@@ -1,7 +1,8 @@
 """Paged history memory benchmarks.
 
 CPU (always): page allocate/free throughput of the C++ tables, with and without spills,
-and the plan cost of a prefetch. CUDA (when a device is usable): host-to-device prefetch
+the plan cost of a prefetch, and the cost of an append into a full drop_oldest history
+for growing budgets (flat: a drop moves nothing). CUDA (when a device is usable): host-to-device prefetch
 bandwidth of PagedHistoryStore against a measured pinned torch copy of the same bytes.
 
     python benchmarks/bench_memory.py [--out benchmarks/results] [--quick]
@@ -63,6 +64,43 @@ def cpu_figures(layers: int = 30, batch: int = 1, frames: int = 3, reps: int = 2
     picks = iter([[(3 * i + j) % (n - frames) for j in range(frames)] for i in range(reps)])
     out["prefetch_plan_us"] = 1e6 * median(lambda: mem.prefetch([streams[0]] * frames, next(picks)))
     out["shape"] = dict(layers=layers, batch=batch, frames_per_call=frames, reps=reps)
+    return out
+
+
+def drop_figures(budgets: tuple[int, ...] = (10, 100, 1000), reps: int = 200) -> dict:
+    """Steady-state append of one block (3 frames) into a full history under
+    ``overflow_policy="drop_oldest"``, at tiny-preset page shapes on the CPU, for each
+    budget in frames: the cost must not grow with the budget (a drop moves nothing).
+    Median microseconds per append, both stores."""
+    import warnings
+
+    from lrag_engine.memory.history import HistoryStore
+    from lrag_engine.memory.paged import PagedHistoryStore
+
+    layers, batch, page, desc_dim, fe = 2, 1, (24, 2, 32), 16, 3
+    frame_bytes = 2 * layers * batch * page[0] * page[1] * page[2] * 4
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(layers, batch, fe, *page, generator=g)
+    block = (k, torch.randn(k.shape, generator=g), torch.randn(batch, fe, desc_dim, generator=g))
+    stores = {"torch": lambda frames: HistoryStore(layers, batch, *page, desc_dim, torch.float32,
+                                                   gpu_budget_bytes=frames * frame_bytes,
+                                                   overflow_policy="drop_oldest"),
+              "paged": lambda frames: PagedHistoryStore(layers, batch, *page, desc_dim, torch.float32,
+                                                        gpu_budget_bytes=frames * frame_bytes,
+                                                        overflow_policy="drop_oldest")}
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, make in stores.items():
+            for frames in budgets:
+                store = make(frames)
+                for _ in range(frames // fe + 1):    # fill the budget
+                    store.append(*block)
+                seconds = common.median_seconds(lambda: store.append(*block), "cpu", warmup=3, reps=reps)
+                assert store.dropped_frames > 0
+                out[f"{name}_append_drop_us_at_{frames}_frames"] = 1e6 * seconds
+    out["shape"] = dict(layers=layers, batch=batch, page=list(page), frames_per_append=fe, reps=reps,
+                        threads=torch.get_num_threads())
     return out
 
 
@@ -136,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     result = {"environment": common.environment(device), "extension_with_cuda": ext.with_cuda}
     result["cpu_tables"] = cpu_figures(layers=4, frames=2, reps=20) if args.quick else cpu_figures()
+    result["cpu_drop_oldest"] = drop_figures(budgets=(4, 16), reps=10) if args.quick else drop_figures()
     if cuda:
         result["cuda"] = cuda_figures(page_shape=(16, 2, 64), layers=2, reps=3) if args.quick else cuda_figures()
     else:

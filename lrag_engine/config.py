@@ -119,11 +119,12 @@ class MemoryConfig:
         give the unused context slots to the local window (the reference keeps the
         local part at ``window - sink - top_k`` frames regardless).
     descriptor: "mean" (spatial mean of the latent frame) or "encoder".
-    gpu_budget_bytes / host_budget_bytes: history byte budgets (None: unbounded GPU
-        tier / no host tier).
+    gpu_budget_bytes / host_budget_bytes: history byte budgets for the whole batch of
+        streams (None: unbounded GPU tier / no host tier); how they turn into frames is
+        ``lrag_engine.memory.budget.HistoryBudget``.
     overflow_policy: what happens when the history budgets are full: "error" raises
-        before anything is written; "drop_oldest" warns and forgets the oldest
-        history frames.
+        before anything is written; "drop_oldest" forgets the oldest history frames
+        (with one warning per stream when dropping starts).
     history_tier: where evicted frames live: "device" (GPU pool, spilling to the
         host tier past ``gpu_budget_bytes`` when a host budget is set) or "host" (pinned
         host memory; only the retrieved frames come to the device, once per block).
@@ -169,8 +170,9 @@ class MemoryConfig:
                              "is allocated up front)")
         for name in ("gpu_budget_bytes", "host_budget_bytes"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"MemoryConfig.{name} must be None or an integer >= 0, got {value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"MemoryConfig.{name} must be None (no budget) or a positive number of bytes, "
+                                 f"got {value!r}")
 
     @property
     def local_frames(self) -> int:
@@ -188,8 +190,9 @@ class RuntimeConfig:
     """Device, precision and schedule.
 
     kernels: "auto" runs Triton kernels on CUDA and the float32 references on the
-        CPU; "triton" forces the kernels (on the CPU only with TRITON_INTERPRET=1);
-        "reference" forces the references.
+        CPU; "triton" forces the kernels (off CUDA only in Triton's interpreter:
+        TRITON_INTERPRET=1 set before import, else a ValueError here); "reference"
+        forces the references.
     cuda_graphs: capture the steady-state forwards as CUDA graphs (CUDA only; on
         other devices the same static-buffer path runs eagerly).
     retrieval_fetch: "per_block" gathers retrieved K/V into the context once per
@@ -219,6 +222,14 @@ class RuntimeConfig:
                              f"got {self.attention_backend!r}")
         if self.kernels not in KERNEL_MODES:
             raise ValueError(f"RuntimeConfig.kernels must be one of {KERNEL_MODES}, got {self.kernels!r}")
+        if self.kernels == "triton" and torch.device(self.device).type != "cuda":
+            from .ops.dispatch import HAS_TRITON, interpreting
+            if not (HAS_TRITON and interpreting()):
+                why = "TRITON_INTERPRET=1 is not set" if HAS_TRITON else "triton is not installed"
+                raise ValueError(
+                    f"RuntimeConfig.kernels='triton' on device {self.device!r} needs the Triton CPU interpreter, "
+                    f"but {why}: set TRITON_INTERPRET=1 in the environment before lrag_engine is imported, "
+                    "use a CUDA device, or kernels='auto' or 'reference'")
         if self.retrieval_fetch not in RETRIEVAL_FETCH:
             raise ValueError(f"RuntimeConfig.retrieval_fetch must be one of {RETRIEVAL_FETCH}, "
                              f"got {self.retrieval_fetch!r}")

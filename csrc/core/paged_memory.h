@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -116,7 +117,9 @@ class PagedMemory {
     int32_t lru_prev = -1, lru_next = -1;  // links among GPU-resident pages only
   };
   struct Stream {
-    std::vector<int32_t> pages;  // frame-major: pages[frame * L + layer]
+    // frame-major: pages[frame * L + layer]; a deque so that dropping the oldest
+    // frames costs the pages dropped, not the pages kept.
+    std::deque<int32_t> pages;
   };
 
   const Stream& stream_ref(int64_t stream, const char* op) const;

@@ -1,16 +1,28 @@
 """Public checkpoint format of the retrieval encoder: ``{"config": {...}, "model": state_dict}``.
 
-Training checkpoints are a superset (extra top-level keys such as ``optimizer``
-and ``step``), so any of them loads as an encoder too.
+Training checkpoints are a superset (extra top-level keys such as ``optimizer``,
+``step``, ``scaler``), so any of them loads as an encoder too: the public
+reference's ``ae_latent_mem.pt`` (its config also holds training fields, which
+:meth:`EncoderConfig.from_dict` ignores) as well as this package's ``last.pt``.
+Files are read with :func:`lrag_engine.safe_load.load_tensor_file` (no pickled code
+runs); files of earlier versions of this package, which nested one ``nn.Sequential``
+per stage, load through :func:`flatten_nested_keys`.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
+from ..safe_load import load_tensor_file
 from .model import EncoderConfig, RetrievalEncoder
+
+# Earlier nested layout -> flat layout: entries per stage of each stack (SPEC section 5).
+_NESTED_STACKS = {"encoder.conv_stack": 4, "decoder.upsample_stack": 5}
+_NESTED_KEY = re.compile(r"^(?P<stack>encoder\.conv_stack|decoder\.upsample_stack)"
+                         r"\.(?P<stage>\d+)\.(?P<entry>\d+)\.(?P<rest>.+)$")
 
 
 class CheckpointError(ValueError):
@@ -30,14 +42,11 @@ def save_checkpoint(path: str | os.PathLike, model: RetrievalEncoder, **extra) -
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load and check the top-level layout; returns the raw dict."""
+    """Load (without running pickled code) and check the top-level layout; returns the raw dict."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"encoder checkpoint {str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"encoder checkpoint {str(path)!r} could not be read: {exc}") from None
+    payload = load_tensor_file(path, "encoder checkpoint", error=CheckpointError)
     if not isinstance(payload, dict):
         raise CheckpointError(f"encoder checkpoint {str(path)!r} must hold a dict with keys 'config' and "
                               f"'model', got {type(payload).__name__}")
@@ -62,9 +71,26 @@ def _strip_wrapper_prefix(state: dict) -> dict:
     return state
 
 
+def flatten_nested_keys(state: dict, source: str = "state dict") -> dict:
+    """Rename keys of the earlier nested layout to the flat public one (other keys unchanged):
+    ``encoder.conv_stack.{s}.{j}.*`` -> ``encoder.conv_stack.{4s+j}.*`` and
+    ``decoder.upsample_stack.{s}.{j}.*`` -> ``decoder.upsample_stack.{5s+j}.*``."""
+    flat: dict = {}
+    for key, value in state.items():
+        match = _NESTED_KEY.match(str(key))
+        per_stage = _NESTED_STACKS[match["stack"]] if match else 0
+        if match is not None and int(match["entry"]) < per_stage:
+            key = f"{match['stack']}.{per_stage * int(match['stage']) + int(match['entry'])}.{match['rest']}"
+        if key in flat:
+            raise CheckpointError(f"{source} holds {key!r} twice (in the nested and in the flat layout)")
+        flat[key] = value
+    return flat
+
+
 def load_state_into(model: RetrievalEncoder, state: dict, source: str = "state dict") -> None:
-    """Strictly copy ``state`` into ``model``; errors list missing/unexpected keys and shape mismatches."""
-    state = _strip_wrapper_prefix(state)
+    """Strictly copy ``state`` (flat or earlier nested layout) into ``model``; errors list
+    missing/unexpected keys and shape mismatches."""
+    state = flatten_nested_keys(_strip_wrapper_prefix(state), source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -87,7 +113,11 @@ def load_state_into(model: RetrievalEncoder, state: dict, source: str = "state d
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> RetrievalEncoder:
-    """Build a ``RetrievalEncoder`` from a public-format checkpoint, in eval mode."""
+    """Build a ``RetrievalEncoder`` from a public-format checkpoint, in eval mode.
+
+    Top-level entries other than ``config`` and ``model`` (optimizer, scaler, epoch, ...)
+    are ignored.
+    """
     payload = read_checkpoint(path)
     try:
         config = EncoderConfig.from_dict(payload["config"])

@@ -10,60 +10,66 @@ import json
 from pathlib import Path
 
 
-def add_subcommands(subparsers) -> None:
-    """Register the encoder sub-commands on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser("collect-latents", help="run the engine and store clean latents as a corpus")
+def add_subcommands(subparsers,
+                    formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter) -> None:
+    """Register the encoder sub-commands on an ``argparse`` subparsers object; their help
+    uses ``formatter_class``, which should show the defaults."""
+    p = subparsers.add_parser("collect-latents", help="run the engine and store clean latents as a corpus",
+                              formatter_class=formatter_class)
     p.add_argument("--out", required=True, help="corpus directory (created, or resumed when it exists)")
-    p.add_argument("--text", help="text embeddings: .pt [P, L, text_dim] or a directory of .pt files; "
-                                  "default: seeded random embeddings")
+    p.add_argument("--text", help="text embeddings: .pt [P, L, text_dim] or a directory of .pt files "
+                                  "(default: seeded random embeddings)")
     p.add_argument("--num-prompts", type=int, default=8, help="prompts when --text is not given")
     p.add_argument("--num-frames", type=int, default=24, help="latent frames per video")
-    p.add_argument("--videos-per-shard", type=int, default=2)
+    p.add_argument("--videos-per-shard", type=int, default=2, help="videos stored per corpus shard file")
     p.add_argument("--preset", default="tiny", help="model preset (ModelConfig.preset)")
-    p.add_argument("--checkpoint", help="generator checkpoint; default: seeded random weights")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--checkpoint", help="generator checkpoint (default: seeded random weights)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", help="model precision")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, texts and noise")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_collect)
 
-    p = subparsers.add_parser("train-encoder", help="train the retrieval encoder on a latent corpus")
+    p = subparsers.add_parser("train-encoder", help="train the retrieval encoder on a latent corpus",
+                              formatter_class=formatter_class)
     p.add_argument("--corpus", required=True, help="corpus directory (collect-latents output)")
     p.add_argument("--out", required=True, help="output directory for checkpoints, history and curves")
-    p.add_argument("--config", help="YAML with model/train sections; default: the packaged default.yaml")
+    p.add_argument("--config", help="YAML with model/train sections (default: the packaged default.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set lr=1e-4 --set model.latent_dim=512")
     p.add_argument("--resume", help="last.pt of an earlier run to continue")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser("eval-retrieval", help="precision@K of descriptors on a synthetic corpus")
+    p = subparsers.add_parser("eval-retrieval", help="precision@K of descriptors on a synthetic corpus",
+                              formatter_class=formatter_class)
     p.add_argument("--out", required=True, help="output directory (retrieval_eval.json, trained encoders)")
-    p.add_argument("--videos", type=int, default=8)
+    p.add_argument("--videos", type=int, default=8, help="videos in the synthetic corpus")
     p.add_argument("--frames", type=int, default=96, help="frames per video")
     p.add_argument("--scenes", type=int, default=4, help="scenes per video")
     p.add_argument("--segment-len", type=int, default=8, help="frames per scene visit")
-    p.add_argument("--height", type=int, default=16)
-    p.add_argument("--width", type=int, default=24)
-    p.add_argument("--noise", type=float, default=0.3)
-    p.add_argument("--drift", type=float, default=0.03)
+    p.add_argument("--height", type=int, default=16, help="latent height")
+    p.add_argument("--width", type=int, default=24, help="latent width")
+    p.add_argument("--noise", type=float, default=0.3, help="std of the white noise on every frame")
+    p.add_argument("--drift", type=float, default=0.03,
+                   help="per-frame step of a slow drift that accumulates over a video")
     p.add_argument("--flicker", type=float, default=0.2, help="per-frame per-channel offset (lighting)")
     p.add_argument("--mean-contrast", type=float, default=0.2,
                    help="spread of the scenes' per-channel means (what a spatial mean can see)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--latent-dim", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus and of training")
+    p.add_argument("--latent-dim", type=int, default=64, help="encoder embedding size")
     # A width of 32 or less gets one channel per GroupNorm group (instance norm), after
     # which the pooled features barely depend on the input; 128 keeps 4 per group.
-    p.add_argument("--hidden-dims", type=int, nargs="+", default=[32, 128])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden-dims", type=int, nargs="+", default=[32, 128], help="encoder stage widths")
+    p.add_argument("--steps", type=int, default=300, help="training steps per encoder")
+    p.add_argument("--batch-size", type=int, default=8, help="training chunks per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--k", type=int, nargs="+", default=[1, 3, 6], help="K values of precision@K")
-    p.add_argument("--recency", type=int, help="recency window in frames; default: --segment-len")
+    p.add_argument("--recency", type=int, help="recency window in frames (default: --segment-len)")
     p.add_argument("--with-delta-ckpt", help="encoder trained with the delta loss (skips its training)")
     p.add_argument("--without-delta-ckpt", help="encoder trained without it (skips its training)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..safe_load import load_tensor_file
 from .corpus import CorpusWriter, LatentCorpus
 
 
@@ -20,7 +21,8 @@ def load_text_embeddings(path: str | os.PathLike) -> torch.Tensor:
 
     Each file holds one tensor ``[L, text_dim]`` or ``[P_i, L, text_dim]``;
     directory entries are read in name order and zero-padded to the longest L
-    (the engine zero-pads to ``text_len`` anyway).
+    (the engine zero-pads to ``text_len`` anyway). Files are read without running
+    pickled code; unreadable or unsafe ones raise ``TensorFileError`` (a ValueError).
     """
     path = Path(path)
     if path.is_dir():
@@ -33,7 +35,7 @@ def load_text_embeddings(path: str | os.PathLike) -> torch.Tensor:
         raise FileNotFoundError(f"text embeddings {str(path)!r} do not exist")
     parts = []
     for file in files:
-        value = torch.load(file, map_location="cpu", weights_only=True)
+        value = load_tensor_file(file, "text embedding file")
         if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"text embeddings in {str(file)!r} must be a tensor [L, text_dim] or "

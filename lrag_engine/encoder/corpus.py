@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..safe_load import load_tensor_file
 
 FORMAT = "lrag-latent-corpus"
 VERSION = 1
@@ -151,12 +152,11 @@ class LatentCorpus:
 
     def _read_shard(self, shard: dict) -> dict[str, torch.Tensor]:
         path = self.root / str(shard.get("file", ""))
-        if not path.is_file():
+        if path.suffix != ".safetensors":
+            raise CorpusError(f"corpus shard {str(path)!r} listed in the manifest is not a .safetensors file")
+        if not path.exists():
             raise CorpusError(f"corpus shard {str(path)!r} listed in the manifest is missing")
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CorpusError(f"corpus shard {str(path)!r} could not be read: {exc}") from None
+        tensors = load_tensor_file(path, "corpus shard", error=CorpusError)
         if "latents" not in tensors:
             raise CorpusError(f"corpus shard {str(path)!r} has no 'latents' tensor (found {sorted(tensors)})")
         latents = tensors["latents"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +85,20 @@ def format_table(results: dict[str, dict], ks: tuple[int, ...]) -> str:
     return "\n".join(rows)
 
 
+# (report name, run folder under out_dir, delta loss on?) of the two trained encoders.
+ENCODER_RUNS = (("encoder, no delta loss", "encoder_no_delta", False),
+                ("encoder, with delta loss", "encoder_with_delta", True))
+
+
+def _check_run_dirs_free(out_dir: Path, runs: list[tuple[str, str]]) -> None:
+    """Refuse, before any training, run folders that already hold a training run."""
+    for folder, option in runs:
+        if (out_dir / folder / "last.pt").exists():
+            raise ValueError(f"{str(out_dir / folder)!r} already holds a training run: reuse its encoder "
+                             f"{str(out_dir / folder / 'encoder.pt')!r} as {option} (--{option.replace('_', '-')}), "
+                             "delete that folder, or choose another output directory")
+
+
 def run_retrieval_eval(out_dir: str | os.PathLike, corpus_config: SyntheticCorpusConfig,
                        encoder_config: EncoderConfig, train_config: TrainConfig,
                        with_delta_ckpt: str | None = None, without_delta_ckpt: str | None = None,
@@ -97,28 +110,36 @@ def run_retrieval_eval(out_dir: str | os.PathLike, corpus_config: SyntheticCorpu
     evaluated on a fresh one (seed + 1, so new scenes) unless checkpoints are
     given. ``recency`` defaults to the segment length, so the current visit
     of a scene is excluded and only earlier visits count as right answers.
-    Writes ``out_dir/retrieval_eval.json`` and returns its content.
+
+    Writes ``out_dir/retrieval_eval.json`` and returns its content; an encoder that
+    is trained here goes to ``out_dir/encoder_no_delta/`` (delta_weight 0) or
+    ``out_dir/encoder_with_delta/`` (``encoder_config.delta_weight``), each with
+    ``encoder.pt``, ``last.pt``, ``history.json`` and ``loss_curves.png``. A run folder
+    that already holds a ``last.pt`` is an error (raised before anything is trained):
+    pass its ``encoder.pt`` as ``with_delta_ckpt``/``without_delta_ckpt`` to reuse it.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     recency = corpus_config.segment_len if recency is None else recency
     frame_shape = (corpus_config.channels, corpus_config.height, corpus_config.width)
     encoder_shape = (encoder_config.in_channels, encoder_config.spatial_h, encoder_config.spatial_w)
     if encoder_shape != frame_shape:
         raise ValueError(f"encoder config frames {encoder_shape} != synthetic corpus frames {frame_shape}")
+    given = {False: without_delta_ckpt, True: with_delta_ckpt}
+    _check_run_dirs_free(out_dir, [(folder, "with_delta_ckpt" if delta else "without_delta_ckpt")
+                                   for _, folder, delta in ENCODER_RUNS if given[delta] is None])
+    out_dir.mkdir(parents=True, exist_ok=True)
     test_config = dataclasses.replace(corpus_config, seed=corpus_config.seed + 1)
     test_latents, test_ids = generate_synthetic_corpus(test_config)
 
     encoders: dict[str, str] = {}
     needs_training = with_delta_ckpt is None or without_delta_ckpt is None
     train_latents = generate_synthetic_corpus(corpus_config)[0] if needs_training else None
-    for name, ckpt, delta_weight in (("encoder, no delta loss", without_delta_ckpt, 0.0),
-                                     ("encoder, with delta loss", with_delta_ckpt, encoder_config.delta_weight)):
+    for name, folder, delta in ENCODER_RUNS:
+        ckpt = given[delta]
         if ckpt is None:
-            run_dir = Path(tempfile.mkdtemp(prefix="run_", dir=out_dir))
-            config = dataclasses.replace(encoder_config, delta_weight=delta_weight)
-            train_encoder(config, train_config, train_latents, run_dir, progress=progress)
-            ckpt = str(run_dir / "encoder.pt")
+            config = dataclasses.replace(encoder_config, delta_weight=encoder_config.delta_weight if delta else 0.0)
+            train_encoder(config, train_config, train_latents, out_dir / folder, progress=progress, run_name=name)
+            ckpt = str(out_dir / folder / "encoder.pt")
         encoders[name] = ckpt
 
     descriptors: dict[str, Descriptor] = {"spatial mean": MeanDescriptor(corpus_config.channels)}

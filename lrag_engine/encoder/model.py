@@ -1,19 +1,25 @@
 """Retrieval encoder/decoder of SPEC section 5.
 
 Module names and their order inside every ``nn.Sequential`` are part of the
-public checkpoint format (``ae_latent_mem.pt`` stores ``{"config", "model"}``),
-so the state-dict keys of the default config are, for example::
+public checkpoint format (``ae_latent_mem.pt`` stores ``{"config", "model"}``).
+Each stack is ONE flat ``nn.Sequential``, so stage ``i`` of the encoder owns
+entries ``4i .. 4i+3`` and stage ``i`` of the decoder entries ``5i .. 5i+4``.
+The state-dict keys of the default config are, for example::
 
-    encoder.conv_stack.{s}.0.weight            strided Conv2d of stage s
-    encoder.conv_stack.{s}.1.weight            GroupNorm of stage s
-    encoder.conv_stack.{s}.3.block.{0,2,3,5}   ResBlock (GN, -, Conv, GN, -, Conv)
-    encoder.final_norm.0.weight                GroupNorm before pooling
-    encoder.fc.weight                          Linear(hidden[-1], latent_dim)
-    decoder.fc.0.weight                        Linear(latent_dim, hidden[-1]*h_b*w_b)
-    decoder.upsample_stack.{s}.1.weight        Conv2d after the x2 upsample of stage s
-    decoder.upsample_stack.{s}.2.weight        GroupNorm of stage s
-    decoder.upsample_stack.{s}.4.block.{...}   ResBlock of stage s
-    decoder.final.1.weight                     Conv2d(hidden[0], in_channels)
+    encoder.conv_stack.{4i}.weight              strided Conv2d 3x3 of stage i
+    encoder.conv_stack.{4i+1}.weight            GroupNorm of stage i ({4i+2} is the SiLU)
+    encoder.conv_stack.{4i+3}.block.{0,2,3,5}   ResBlock (GN, -, Conv, GN, -, Conv)
+    encoder.final_norm.0.weight                 GroupNorm before pooling
+    encoder.fc.weight                           Linear(hidden[-1], latent_dim)
+    decoder.fc.0.weight                         Linear(latent_dim, hidden[-1]*h_b*w_b)
+    decoder.upsample_stack.{5i+1}.weight        Conv2d 3x3 after the x2 upsample {5i} of stage i
+    decoder.upsample_stack.{5i+2}.weight        GroupNorm of stage i ({5i+3} is the SiLU)
+    decoder.upsample_stack.{5i+4}.block.{...}   ResBlock of stage i
+    decoder.final.1.weight                      Conv2d(hidden[0], in_channels) after the upsample final.0
+
+Files written by earlier versions of this package nest one ``nn.Sequential`` per
+stage (``encoder.conv_stack.{s}.{j}``, ``decoder.upsample_stack.{s}.{j}``);
+:func:`lrag_engine.encoder.checkpoint.flatten_nested_keys` converts their keys.
 
 Layer count: the encoder has ``len(hidden_dims)`` stride-2 convolutions. The
 decoder upsamples once per transition between consecutive reversed widths
@@ -34,6 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 _GROUP_CHOICES = (32, 16, 8, 4, 1)
+# Fields of the public reference's training config that say nothing about the weights
+# (plus every ``wandb_*`` field).
+PUBLIC_TRAINING_FIELDS = frozenset({
+    "config", "tag", "gpu", "data_dir", "val_split", "num_workers", "data_percentage", "batch_size", "lr",
+    "weight_decay", "epochs", "grad_clip", "use_amp", "log_dir", "log_every", "save_every", "resume",
+    "disable_wandb", "seed",
+})
 
 
 def _positive_int(name: str, value) -> None:
@@ -106,11 +119,17 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "EncoderConfig":
-        """Build from a checkpoint's ``config`` dict; unknown keys are ignored with a warning."""
+        """Build from a checkpoint's ``config`` dict.
+
+        The training fields of the public reference's config (:data:`PUBLIC_TRAINING_FIELDS`
+        and ``wandb_*``: lr, epochs, seed, ...) are ignored silently; any other unknown key is
+        ignored with a warning, since it may describe an architecture variant this model
+        does not build.
+        """
         if not isinstance(values, dict):
             raise ValueError(f"encoder config must be a dict, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        extra = sorted(set(values) - known)
+        extra = sorted(k for k in set(values) - known - PUBLIC_TRAINING_FIELDS if not str(k).startswith("wandb_"))
         if extra:
             warnings.warn(f"EncoderConfig: ignoring unknown config keys {extra}", stacklevel=2)
         return cls(**{k: v for k, v in values.items() if k in known})
@@ -141,13 +160,12 @@ class Encoder(nn.Module):
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        stages = []
+        layers: list[nn.Module] = []
         prev = config.in_channels
         for width in config.hidden_dims:
-            stages.append(nn.Sequential(
-                nn.Conv2d(prev, width, 3, stride=2, padding=1), group_norm(width), nn.SiLU(), ResBlock(width)))
+            layers += [nn.Conv2d(prev, width, 3, stride=2, padding=1), group_norm(width), nn.SiLU(), ResBlock(width)]
             prev = width
-        self.conv_stack = nn.Sequential(*stages)
+        self.conv_stack = nn.Sequential(*layers)
         self.final_norm = nn.Sequential(group_norm(prev), nn.SiLU())
         self.fc = nn.Linear(prev, config.latent_dim)
 
@@ -165,11 +183,11 @@ class Decoder(nn.Module):
         self.h_b, self.w_b = config.bottleneck_size
         widths = tuple(reversed(config.hidden_dims))
         self.fc = nn.Sequential(nn.Linear(config.latent_dim, widths[0] * self.h_b * self.w_b), nn.SiLU())
-        self.upsample_stack = nn.Sequential(*[
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
-                          group_norm(c_out), nn.SiLU(), ResBlock(c_out))
-            for c_in, c_out in zip(widths[:-1], widths[1:])
-        ])
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
+                       group_norm(c_out), nn.SiLU(), ResBlock(c_out)]
+        self.upsample_stack = nn.Sequential(*layers)
         self.final = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                    nn.Conv2d(widths[-1], config.in_channels, 3, padding=1))
         self.bottleneck_channels = widths[0]

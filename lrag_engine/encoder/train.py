@@ -2,10 +2,12 @@
 
 Outputs under ``out_dir``:
     last.pt           training state: public ``{"config", "model"}`` plus optimizer,
-                      step, rng, train_config and loss history (resumable; loads as an encoder)
+                      step, rng, train_config and loss history (resumable; loads as an encoder).
+                      All of it is tensors and plain containers, so it reads back with
+                      ``torch.load(weights_only=True)``.
     encoder.pt        public-format checkpoint of the final weights
     history.json      per-step train losses and per-validation losses
-    loss_curves.png   those curves
+    loss_curves.png   those curves, titled by run and by whether the delta loss is weighted
 """
 from __future__ import annotations
 
@@ -183,14 +185,37 @@ def _restore_rng(state: dict, gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def plot_history(history: dict, path: str | os.PathLike) -> None:
-    """Write the train (per step) and validation loss curves as a PNG."""
+def loss_plot_titles(config: EncoderConfig, run: str | None = None) -> dict[str, str]:
+    """Titles of the loss-curve figure (``"figure"``: the run and whether the delta loss is
+    weighted) and of its subplots (``"total"``, ``"recon"``, ``"delta"``, ``"smooth"``).
+
+    A term with weight 0 is still computed and logged but is not part of the total; its
+    title says so.
+    """
+    def term(name: str, weight: float) -> str:
+        return f"{name} (weight {weight:g})" if weight > 0 else f"{name} (weight 0: logged, not optimised)"
+
+    delta = (f"delta loss weighted {config.delta_weight:g}" if config.delta_weight > 0
+             else "delta loss not optimised (weight 0)")
+    return {"figure": f"{run or 'encoder training'}: {delta}",
+            "total": f"total = recon + {config.delta_weight:g}*delta + {config.smooth_weight:g}*smooth",
+            "recon": "recon (MSE, weight 1)",
+            "delta": term("delta", config.delta_weight),
+            "smooth": term("smooth", config.smooth_weight)}
+
+
+def plot_history(history: dict, path: str | os.PathLike, config: EncoderConfig,
+                 title: str | None = None) -> dict[str, str]:
+    """Write the train (per step) and validation loss curves as a PNG, titled by
+    :func:`loss_plot_titles` for the run ``title``; returns the titles as drawn."""
     # Figure + Agg canvas directly: no pyplot, so no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    titles = loss_plot_titles(config, title)
     fig = Figure(figsize=(10, 6))
     FigureCanvasAgg(fig)
+    drawn = {"figure": fig.suptitle(titles["figure"]).get_text()}
     for i, term in enumerate(("total", "recon", "delta", "smooth")):
         ax = fig.add_subplot(2, 2, i + 1)
         if history["train"]:
@@ -199,11 +224,13 @@ def plot_history(history: dict, path: str | os.PathLike) -> None:
         if history["val"]:
             ax.plot([r["step"] for r in history["val"]], [r[term] for r in history["val"]],
                     "o-", label="val", markersize=3)
-        ax.set_title(term)
+        ax.set_title(titles[term])
         ax.set_xlabel("step")
         ax.legend()
+        drawn[term] = ax.get_title()
     fig.tight_layout()
     fig.savefig(str(path), dpi=80)
+    return drawn
 
 
 @torch.no_grad()
@@ -228,13 +255,13 @@ class TrainResult:
 
 def train_encoder(model_config: EncoderConfig, train_config: TrainConfig, corpus: LatentCorpus | torch.Tensor,
                   out_dir: str | os.PathLike, resume: str | os.PathLike | None = None,
-                  progress: bool = True) -> TrainResult:
+                  progress: bool = True, run_name: str | None = None) -> TrainResult:
     """Train on ``corpus`` (a ``LatentCorpus`` or latents ``[V, T, C, H, W]``) and write ``out_dir``.
 
     ``resume`` names a ``last.pt`` from an earlier run with the same model config;
     training continues from its step with its optimizer and data-order state.
     Without ``resume``, an existing ``out_dir/last.pt`` is an error rather than
-    being overwritten.
+    being overwritten. ``run_name`` titles the loss curves (default: the folder name).
     """
     latents = corpus.latents if isinstance(corpus, LatentCorpus) else corpus
     frame_shape = (model_config.in_channels, model_config.spatial_h, model_config.spatial_w)
@@ -282,7 +309,7 @@ def train_encoder(model_config: EncoderConfig, train_config: TrainConfig, corpus
         save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), step=step, rng=_rng_state(gen),
                         train_config=dataclasses.asdict(train_config), history=history)
         (out_dir / "history.json").write_text(json.dumps(history))
-        plot_history(history, out_dir / "loss_curves.png")
+        plot_history(history, out_dir / "loss_curves.png", model_config, run_name or out_dir.name)
 
     model.train()
     bar = tqdm(total=train_config.steps, initial=step, disable=not progress, desc="train-encoder")

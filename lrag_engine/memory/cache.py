@@ -26,6 +26,7 @@ from ..config import MemoryConfig
 from ..ops.rope import RopeTables, apply_rope_ref
 from ..ops.splice import splice
 from ..runtime.transfer import index_tensor
+from .budget import HistoryBudget
 from .history import HistoryStore
 from .paged import PagedHistoryStore, make_history_store
 from .retrieval import BlockLog, Descriptor, RetrievalResult, make_log, retrieve
@@ -81,23 +82,20 @@ class RetrievalCache:
     def _make_history(self, num_layers: int, tokens_per_frame: int, refetch_per_forward: bool,
                       dims: dict) -> HistoryStore | PagedHistoryStore:
         mem = self.memory
+        budget = HistoryBudget.plan(mem, num_layers, self.batch, tokens_per_frame, dims["num_heads"],
+                                    dims["head_dim"], dims["dtype"], host_only=refetch_per_forward)
         common = dict(num_layers=num_layers, batch=self.batch, tokens_per_frame=tokens_per_frame,
-                      descriptor_dim=self.descriptor.dim, overflow_policy=mem.overflow_policy, **dims)
+                      descriptor_dim=self.descriptor.dim, overflow_policy=mem.overflow_policy,
+                      gpu_budget_bytes=budget.gpu_bytes, **dims)
         if refetch_per_forward:
             # The baseline keeps the history in host memory, like the public reference it
             # reproduces, and reads it again in every forward.
-            # (HistoryStore's single budget here bounds host memory.)
-            return HistoryStore(device="cpu", gpu_budget_bytes=mem.host_budget_bytes, **common)
-        if mem.history_tier == "host":
-            # Every history frame lives in the pinned host tier; the device pool only
-            # stages the frames retrieved for a block and the frames being evicted.
-            frame_bytes = 2 * num_layers * self.batch * tokens_per_frame * dims["num_heads"] * \
-                dims["head_dim"] * dims["dtype"].itemsize
-            staging = (mem.top_k + mem.frames_per_block) * frame_bytes
-            return make_history_store("paged", device=self.device, gpu_budget_bytes=staging,
-                                      host_budget_bytes=mem.host_budget_bytes, **common)
-        return make_history_store("auto", device=self.device, gpu_budget_bytes=mem.gpu_budget_bytes,
-                                  host_budget_bytes=mem.host_budget_bytes, **common)
+            return HistoryStore(device="cpu", **common)
+        # history_tier="host": every history frame lives in the pinned host tier; the
+        # device pool (gpu_bytes) only stages the frames retrieved for a block and the
+        # frames being evicted.
+        kind = "paged" if mem.history_tier == "host" else "auto"
+        return make_history_store(kind, device=self.device, host_budget_bytes=budget.host_bytes, **common)
 
     # ------------------------------------------------------------------ retrieval
     def _search(self) -> RetrievalResult:

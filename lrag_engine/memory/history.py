@@ -17,9 +17,19 @@ import warnings
 
 import torch
 
+from .descriptors import DescriptorRing
+
 
 class HistoryFullError(RuntimeError):
     """The history byte budget is exhausted and the overflow policy is "error"."""
+
+
+def warn_dropping(held: int, frame_bytes: int, stacklevel: int) -> None:
+    """The one warning a store gives when its budget fills and dropping starts."""
+    warnings.warn(f"history budget full at {held} frames ({held * frame_bytes} bytes): dropping the oldest "
+                  "history frames from now on as new ones arrive (overflow_policy='drop_oldest'); dropped "
+                  "frames can no longer be retrieved. Reported once per stream.",
+                  stacklevel=stacklevel + 1)
 
 
 def check_append_args(store, k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> int:
@@ -40,8 +50,10 @@ def check_append_args(store, k: torch.Tensor, v: torch.Tensor, descriptors: torc
 
 
 class HistoryStore:
-    """Single-tier store on one device. Page id of (frame f, stream b, layer l) is
-    ``(f * B + b) * L + l``, so appending frames appends whole runs of pages.
+    """Single-tier store on one device: a ring of ``capacity_frames`` frames. Ring slot
+    ``r`` holds pages ``(r * B + b) * L + l`` (stream b, layer l); history frame ``f``
+    (eviction order, oldest first) lives in slot ``(head + f) % capacity``, so dropping
+    the oldest frames only advances ``head`` (O(frames dropped), no copy).
 
     gpu_budget_bytes: None grows the pool by doubling (a copy); a budget is allocated
     whole at construction and never grows.
@@ -63,15 +75,15 @@ class HistoryStore:
         cap = initial_frames if self.max_frames is None else self.max_frames
         self.pool_k = torch.empty(0, *self.page_shape, dtype=dtype, device=self.device)
         self.pool_v = torch.empty_like(self.pool_k)
-        self._desc = torch.empty(batch, 0, descriptor_dim, dtype=torch.float32, device=self.device)
-        self._norms = torch.empty(batch, 0, dtype=torch.float32, device=self.device)
+        self._ring = DescriptorRing(batch, descriptor_dim, cap, self.device)
+        self._head = 0           # ring slot of history frame 0
         self.num_frames = 0
         self.dropped_frames = 0
         self._reserve(cap)
 
     @property
     def capacity_frames(self) -> int:
-        return self._desc.shape[1]
+        return self.pool_k.shape[0] // (self.batch * self.num_layers)
 
     @property
     def bytes_used(self) -> int:
@@ -80,17 +92,15 @@ class HistoryStore:
     def _reserve(self, frames: int) -> None:
         if frames <= self.capacity_frames:
             return
+        # Only an unbudgeted pool grows, and it never drops, so the ring is not wrapped.
+        assert self._head == 0, "a wrapped history ring cannot grow"
         pages = frames * self.batch * self.num_layers
         for name in ("pool_k", "pool_v"):
             old = getattr(self, name)
             new = torch.empty(pages, *self.page_shape, dtype=self.dtype, device=self.device)
             new[: old.shape[0]].copy_(old)
             setattr(self, name, new)
-        desc = torch.zeros(self.batch, frames, self._desc.shape[2], dtype=torch.float32, device=self.device)
-        desc[:, : self.num_frames] = self._desc[:, : self.num_frames]
-        norms = torch.zeros(self.batch, frames, dtype=torch.float32, device=self.device)
-        norms[:, : self.num_frames] = self._norms[:, : self.num_frames]
-        self._desc, self._norms = desc, norms
+        self._ring.reserve(frames)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> None:
         """k, v: [L, B, Fe, N, H, D]; descriptors: [B, Fe, Dd] (float32)."""
@@ -105,46 +115,43 @@ class HistoryStore:
             self._drop_oldest(self.num_frames + fe - self.max_frames)
         if self.num_frames + fe > self.capacity_frames:
             self._reserve(max(self.num_frames + fe, 2 * self.capacity_frames))
-        start = self.num_frames * self.batch * self.num_layers
-        pages = fe * self.batch * self.num_layers
-        # [L, B, Fe, ...] -> page order (f, b, l)
-        self.pool_k[start:start + pages].copy_(k.permute(2, 1, 0, 3, 4, 5).reshape(pages, *self.page_shape))
-        self.pool_v[start:start + pages].copy_(v.permute(2, 1, 0, 3, 4, 5).reshape(pages, *self.page_shape))
-        desc = descriptors.float()
-        self._desc[:, self.num_frames:self.num_frames + fe] = desc
-        self._norms[:, self.num_frames:self.num_frames + fe] = desc.norm(dim=-1)
+        cap, per_frame = self.capacity_frames, self.batch * self.num_layers
+        # [L, B, Fe, ...] -> page order (f, b, l), written as at most two runs of ring slots.
+        pages_k = k.permute(2, 1, 0, 3, 4, 5).reshape(fe * per_frame, *self.page_shape)
+        pages_v = v.permute(2, 1, 0, 3, 4, 5).reshape(fe * per_frame, *self.page_shape)
+        first = (self._head + self.num_frames) % cap
+        for f0, f1 in ((0, min(fe, cap - first)), (cap - first, fe)):
+            if f0 >= f1:
+                continue
+            dst = ((first + f0) % cap) * per_frame
+            n = (f1 - f0) * per_frame
+            self.pool_k[dst:dst + n].copy_(pages_k[f0 * per_frame:f1 * per_frame])
+            self.pool_v[dst:dst + n].copy_(pages_v[f0 * per_frame:f1 * per_frame])
+        self._ring.append(descriptors)
         self.num_frames += fe
 
     def _drop_oldest(self, count: int) -> None:
-        warnings.warn(f"history budget full: dropping the {count} oldest history frame(s) "
-                      f"(overflow_policy='drop_oldest'); they can no longer be retrieved", stacklevel=3)
-        keep = self.num_frames - count
-        per_frame = self.batch * self.num_layers
-        # Shift down in chunks of the dropped size: chunks never overlap, so no temporary
-        # of the whole budget is needed.
-        step = count * per_frame
-        for pool in (self.pool_k, self.pool_v):
-            for dst in range(0, keep * per_frame, step):
-                n = min(step, keep * per_frame - dst)
-                pool[dst:dst + n].copy_(pool[dst + step:dst + step + n])
-        self._desc[:, :keep] = self._desc[:, count:self.num_frames].clone()
-        self._norms[:, :keep] = self._norms[:, count:self.num_frames].clone()
-        self.num_frames = keep
+        if not self.dropped_frames:
+            warn_dropping(self.num_frames, self.frame_bytes, stacklevel=4)
+        self._head = (self._head + count) % self.capacity_frames
+        self._ring.drop_oldest(count)
+        self.num_frames -= count
         self.dropped_frames += count
 
     def descriptors(self) -> torch.Tensor:
         """[B, num_frames, Dd] float32 view, frame order = eviction order."""
-        return self._desc[:, : self.num_frames]
+        return self._ring.descriptors()
 
     def descriptor_norms(self) -> torch.Tensor:
         """[B, num_frames] float32 L2 norms of the descriptors, kept from insertion."""
-        return self._norms[:, : self.num_frames]
+        return self._ring.norms()
 
     def page_ids(self, frame_ids: torch.Tensor) -> torch.Tensor:
         """frame_ids [B, K] (int64, -1 = none) -> page ids [L, B, K] int64 on the device."""
         b = torch.arange(self.batch, device=frame_ids.device).unsqueeze(1)
         layers = torch.arange(self.num_layers, device=frame_ids.device).view(-1, 1, 1)
-        pages = (frame_ids * self.batch + b) * self.num_layers + layers
+        slots = (frame_ids + self._head) % self.capacity_frames
+        pages = (slots * self.batch + b) * self.num_layers + layers
         return torch.where(frame_ids >= 0, pages, torch.full_like(pages, -1))
 
     def frame_kv(self, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +159,7 @@ class HistoryStore:
         if not 0 <= frame < self.num_frames:
             raise IndexError(f"history frame {frame} out of range [0, {self.num_frames})")
         per_frame = self.batch * self.num_layers
-        sl = slice(frame * per_frame, (frame + 1) * per_frame)
+        slot = (self._head + frame) % self.capacity_frames
+        sl = slice(slot * per_frame, (slot + 1) * per_frame)
         shape = (self.batch, self.num_layers, *self.page_shape)
         return (self.pool_k[sl].view(shape).transpose(0, 1), self.pool_v[sl].view(shape).transpose(0, 1))

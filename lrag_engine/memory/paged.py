@@ -25,7 +25,8 @@ import warnings
 import torch
 
 from lrag_engine.memory import _ext
-from lrag_engine.memory.history import HistoryFullError, HistoryStore, check_append_args
+from lrag_engine.memory.descriptors import DescriptorRing
+from lrag_engine.memory.history import HistoryFullError, HistoryStore, check_append_args, warn_dropping
 from lrag_engine.memory.tier_copy import TierCopier
 from lrag_engine.runtime.transfer import index_tensor
 
@@ -95,8 +96,7 @@ class PagedHistoryStore:
         self._pending_touches: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
         self.descriptor_dim = descriptor_dim
-        self._desc = torch.zeros(batch, 0, descriptor_dim, dtype=torch.float32, device=self.device)
-        self._norms = torch.zeros(batch, 0, dtype=torch.float32, device=self.device)
+        self._ring = DescriptorRing(batch, descriptor_dim, 0, self.device)
         self._table = torch.full((batch, 0, num_layers), -1, dtype=torch.int64, device=self.device)
         self._fork_desc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._all_resident = True
@@ -118,7 +118,7 @@ class PagedHistoryStore:
 
     @property
     def capacity_frames(self) -> int:
-        return self._desc.shape[1]
+        return self._table.shape[1]
 
     @property
     def bytes_used(self) -> int:
@@ -138,11 +138,7 @@ class PagedHistoryStore:
         """Grows the descriptor arrays and the device page-table mirror to ``frames``."""
         if frames <= self.capacity_frames:
             return
-        desc = torch.zeros(self.batch, frames, self._desc.shape[2], dtype=torch.float32, device=self.device)
-        desc[:, : self.num_frames] = self._desc[:, : self.num_frames]
-        norms = torch.zeros(self.batch, frames, dtype=torch.float32, device=self.device)
-        norms[:, : self.num_frames] = self._norms[:, : self.num_frames]
-        self._desc, self._norms = desc, norms
+        self._ring.reserve(frames)
         self._table = torch.full((self.batch, frames, self.num_layers), -1, dtype=torch.int64, device=self.device)
         self._refresh_table()
 
@@ -188,9 +184,7 @@ class PagedHistoryStore:
                 pool.index_copy_(0, slots, pages.to(self.dtype))
         self._reserve_frames(max(self.num_frames + fe, 2 * self.capacity_frames)
                              if self.num_frames + fe > self.capacity_frames else 0)
-        desc = descriptors.float()
-        self._desc[:, self.num_frames:self.num_frames + fe] = desc
-        self._norms[:, self.num_frames:self.num_frames + fe] = desc.norm(dim=-1)
+        self._ring.append(descriptors)
         self.num_frames += fe
         self._refresh_table()
 
@@ -210,13 +204,11 @@ class PagedHistoryStore:
         self._drop_oldest(drop)
 
     def _drop_oldest(self, count: int) -> None:
-        warnings.warn(f"history budget full: dropping the {count} oldest history frame(s) "
-                      f"(overflow_policy='drop_oldest'); they can no longer be retrieved", stacklevel=4)
+        if not self.dropped_frames:
+            warn_dropping(self.num_frames, self.frame_bytes, stacklevel=4)
         self._mem.drop_oldest(self._streams, count)
-        keep = self.num_frames - count
-        self._desc[:, :keep] = self._desc[:, count:self.num_frames].clone()
-        self._norms[:, :keep] = self._norms[:, count:self.num_frames].clone()
-        self.num_frames = keep
+        self._ring.drop_oldest(count)
+        self.num_frames -= count
         self.dropped_frames += count
         self._refresh_table()
 
@@ -224,11 +216,11 @@ class PagedHistoryStore:
 
     def descriptors(self) -> torch.Tensor:
         """[B, num_frames, Dd] float32 view, frame order = eviction order."""
-        return self._desc[:, : self.num_frames]
+        return self._ring.descriptors()
 
     def descriptor_norms(self) -> torch.Tensor:
         """[B, num_frames] float32 L2 norms of the descriptors, kept from insertion."""
-        return self._norms[:, : self.num_frames]
+        return self._ring.norms()
 
     def page_ids(self, frame_ids: torch.Tensor) -> torch.Tensor:
         """frame_ids [B, K] (int64, -1 = none, else < num_frames) -> GPU-resident page ids
@@ -301,8 +293,8 @@ class PagedHistoryStore:
         if stream in self._fork_desc:
             self._fork_desc[child] = self._fork_desc[stream]
         else:
-            self._fork_desc[child] = (self._desc[stream, : self.num_frames].clone(),
-                                      self._norms[stream, : self.num_frames].clone())
+            b = self._streams.index(stream)
+            self._fork_desc[child] = (self.descriptors()[b].clone(), self.descriptor_norms()[b].clone())
         return child
 
     def free_stream(self, stream: int) -> None:
@@ -320,7 +312,7 @@ class PagedHistoryStore:
         """Descriptors [F, Dd] and norms [F] of any stream (engine or forked)."""
         if stream in self._streams:
             b = self._streams.index(stream)
-            return self._desc[b, : self.num_frames], self._norms[b, : self.num_frames]
+            return self.descriptors()[b], self.descriptor_norms()[b]
         if stream not in self._fork_desc:
             raise ValueError(f"history: unknown stream {stream}")
         return self._fork_desc[stream]

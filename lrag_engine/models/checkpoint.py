@@ -8,17 +8,24 @@ every key starts with ``model.`` therefore reads as the ``model`` entry (same we
 
 Selection rule when several entries exist: ``generator_ema``, else ``generator``, else
 ``model``, else the bare dict; ``key=`` overrides it.
+
+Files are read by :func:`lrag_engine.safe_load.load_tensor_file`: no pickled code runs, and
+an unreadable or unsafe file raises a ValueError naming it. :func:`check_checkpoint_shapes`
+compares a checkpoint's shapes (header only) with a ``ModelConfig`` before any model is built.
 """
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from ..config import MODEL_PRESETS, ModelConfig
+from ..safe_load import load_tensor_file, read_safetensors_shapes
+from .wan import WanModel
 
 LAYOUTS = ("generator_ema", "generator", "model")
 SAVE_LAYOUTS = (*LAYOUTS, "bare")
@@ -45,44 +52,28 @@ def _short_list(names: list[str]) -> str:
 
 
 # ------------------------------------------------------------------ reading
-def read_state_dict(path: str | os.PathLike) -> dict:
-    """The mapping stored in a ``.pt``/``.pth`` (``torch.load``, weights only, on the CPU) or
-    ``.safetensors`` file, as stored (it may nest state dicts under layout keys)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".pt", ".pth"):
-        raw = _torch_load(path)
-    elif ext == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            raw = load_file(path, device="cpu")
-        except SafetensorError as exc:
-            raise ValueError(f"checkpoint {path!r} is not a readable safetensors file: {exc}") from None
-    else:
-        raise ValueError(f"checkpoint {path!r}: unknown extension {ext!r}; use .pt, .pth or .safetensors")
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """The mapping stored in a ``.pt``/``.pth`` (``torch.load``, weights only, memory-mapped, on the
+    CPU) or ``.safetensors`` file, as stored (it may nest state dicts under layout keys).
+
+    Unreadable or unsafe files raise :class:`~lrag_engine.safe_load.TensorFileError` (a ValueError).
+    """
+    path = _checked_extension(path, what)
+    # mmap keeps a 5.7 GB float32 checkpoint out of RAM until its tensors are copied.
+    raw = load_tensor_file(path, what, mmap=True)
     if not isinstance(raw, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds a {type(raw).__name__}, not a dict of tensors")
+        raise ValueError(f"{what} {path!r} holds a {type(raw).__name__}, not a dict of tensors")
     return dict(raw)
 
 
-def _torch_load(path: str):
-    try:
-        # mmap keeps a 5.7 GB float32 checkpoint out of RAM until its tensors are copied.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise ValueError(f"checkpoint {path!r} could not be read: {exc}") from None
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"checkpoint {path!r} holds objects other than tensors and plain containers "
-                         f"(refused by torch.load(weights_only=True)): {exc}") from None
-    # Legacy (non-zip) torch.save files cannot be memory-mapped.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"checkpoint {path!r} could not be read: {exc}") from None
+def _checked_extension(path: str | os.PathLike, what: str) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".pt", ".pth", ".safetensors"):
+        raise ValueError(f"{what} {path!r}: unknown extension {ext!r}; use .pt, .pth or .safetensors")
+    return path
 
 
 def _select(raw: Mapping, key: str | None) -> tuple[str, dict]:
@@ -258,7 +249,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, lora_path: str | os.
     state = {k: v.to(target[k].dtype) if k in target and v.is_floating_point() else v for k, v in state.items()}
     merged_modules: list[str] = []
     if lora_path is not None:
-        state, merged_modules = _merge_lora(state, read_state_dict(lora_path), lora_alpha)
+        state, merged_modules = _merge_lora(state, read_state_dict(lora_path, "LoRA file"), lora_alpha)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     if strict and (missing or unexpected):
@@ -273,6 +264,66 @@ def load_weights(model: nn.Module, path: str | os.PathLike, lora_path: str | os.
         for k in loadable:
             target[k].copy_(state[k])
     return LoadReport(missing, unexpected, merged_modules, len(loadable), source, path)
+
+
+# -------------------------------------------------------------- shape check
+class CheckpointShapeError(ValueError):
+    """Checkpoint tensors whose shapes do not fit the model config; the message names them."""
+
+
+def read_shapes(path: str | os.PathLike) -> dict:
+    """A checkpoint's content with every tensor's shape but without reading tensor data:
+    meta tensors from a ``.safetensors`` header, memory-mapped tensors from a torch file."""
+    path = _checked_extension(path, "checkpoint")
+    if not path.lower().endswith(".safetensors"):
+        return read_state_dict(path)
+    # Only the shapes of these stand-ins are used (their dtype is not the stored one).
+    return {k: torch.empty(shape, device="meta") for k, shape in read_safetensors_shapes(path, "checkpoint").items()}
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Parameter name -> shape of ``WanModel(config)``, built on the meta device (no memory, no init)."""
+    return {k: v.shape for k, v in WanModel(config, device="meta").state_dict().items()}
+
+
+def _preset_hint(config: ModelConfig, found: dict[str, torch.Size]) -> str:
+    name = next((n for n, preset in MODEL_PRESETS.items() if preset == config), None)
+    own = f"Preset {name!r}" if name else "This ModelConfig"
+    fits = [n for n, preset in MODEL_PRESETS.items() if n != name and expected_shapes(preset) == found]
+    if fits:
+        return (f"{own} does not fit this checkpoint; its shapes fit preset {fits[0]!r} "
+                f"(ModelConfig.preset({fits[0]!r}), --preset {fits[0]})")
+    return f"{own} does not fit this checkpoint, and neither does any preset ({', '.join(sorted(MODEL_PRESETS))})"
+
+
+def check_checkpoint_shapes(path: str | os.PathLike, config: ModelConfig, key: str | None = None,
+                            strict: bool = True) -> None:
+    """Refuse a checkpoint that does not fit ``config`` before any model is built.
+
+    Reads only the tensor shapes (see :func:`read_shapes`), selects the entry and cleans the
+    keys as :func:`load_weights` does, and compares with :func:`expected_shapes`. Raises
+    :class:`CheckpointShapeError` naming the first mismatching keys with both shapes and the
+    preset whose shapes fit, if any; with ``strict``, missing or unexpected keys raise
+    :class:`CheckpointKeyError` as :func:`load_weights` would.
+    """
+    path = os.fspath(path)
+    source, state = _extract(read_shapes(path), key)
+    found = {k: v.shape for k, v in state.items()}
+    expected = expected_shapes(config)
+    mismatched = [k for k in expected if k in found and found[k] != expected[k]]
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if not mismatched and not (strict and (missing or unexpected)):
+        return
+    where = f"checkpoint {path!r} (entry {source!r})"
+    if mismatched:
+        shown = "; ".join(f"{k!r} {tuple(found[k])} in the checkpoint vs {tuple(expected[k])} in the model"
+                          for k in mismatched[:3])
+        more = f"; ... ({len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise CheckpointShapeError(f"{where}: {len(mismatched)} tensors have other shapes than the model: "
+                                   f"{shown}{more}. {_preset_hint(config, found)}")
+    raise CheckpointKeyError(f"{where} does not match the model: missing {_short_list(missing)}; unexpected "
+                             f"{_short_list(unexpected)}. {_preset_hint(config, found)}")
 
 
 # --------------------------------------------------------------------- save

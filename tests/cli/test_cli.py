@@ -33,8 +33,8 @@ def test_text_file_and_batch(tmp_path):
 
 def test_bad_values_exit_with_a_message(tmp_path, capsys):
     assert main(["generate", "--frames", "7", "--out", str(tmp_path)]) == 2
-    assert "multiple of frames_per_block" in capsys.readouterr().err
+    assert "--frames must be a positive multiple of --frames-per-block" in capsys.readouterr().err
     assert main(["generate", "--top-k", "11", "--out", str(tmp_path)]) == 2
-    assert "top_k (11)" in capsys.readouterr().err
+    assert "--top-k (11)" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 2
     assert "nope.pt" in capsys.readouterr().err

@@ -81,7 +81,6 @@ def test_load_text_embeddings(tmp_path):
 
 
 def test_collect_with_real_engine(tmp_path):
-    pytest.importorskip("lrag_engine.engine")
     from lrag_engine import Engine, MemoryConfig, ModelConfig, RuntimeConfig
 
     engine = Engine(model=ModelConfig.preset("tiny"), memory=MemoryConfig(),
@@ -158,4 +157,74 @@ def test_train_and_eval_commands(tmp_path, capsys):
     assert args.func(args) == 0
     report = json.loads((tmp_path / "e" / "retrieval_eval.json").read_text())
     assert set(report["results"]) == {"spatial mean", "encoder, no delta loss", "encoder, with delta loss"}
+    assert (tmp_path / "e" / "encoder_with_delta" / "encoder.pt").is_file()
     assert "p@6" in capsys.readouterr().out
+
+
+def test_eval_run_folders_are_named_and_plots_titled(tmp_path, monkeypatch):
+    from lrag_engine.encoder import train as train_module
+    from lrag_engine.encoder.corpus import SyntheticCorpusConfig
+    from lrag_engine.encoder.evaluate import run_retrieval_eval
+    from lrag_engine.encoder.model import EncoderConfig
+    from lrag_engine.encoder.train import TrainConfig
+
+    titles = {}
+    real_plot = train_module.plot_history
+
+    def recording_plot(history, path, *args, **kwargs):
+        titles[path.parent.name] = real_plot(history, path, *args, **kwargs)
+        return titles[path.parent.name]
+    monkeypatch.setattr(train_module, "plot_history", recording_plot)
+
+    corpus = SyntheticCorpusConfig(num_videos=2, frames_per_video=40, height=8, width=8)
+    weight = float(torch.empty(1).uniform_(0.5, 2.0))
+    encoder = EncoderConfig(in_channels=16, spatial_h=8, spatial_w=8, latent_dim=8, hidden_dims=(8,),
+                            delta_weight=weight)
+    train = TrainConfig(steps=2, batch_size=2, val_every=1, checkpoint_every=2)
+    out = tmp_path / "eval"
+    report = run_retrieval_eval(out, corpus, encoder, train, progress=False)
+
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["encoder_no_delta", "encoder_with_delta"]
+    assert report["checkpoints"] == {"encoder, no delta loss": str(out / "encoder_no_delta" / "encoder.pt"),
+                                     "encoder, with delta loss": str(out / "encoder_with_delta" / "encoder.pt")}
+    weights = {name: torch.load(out / name / "encoder.pt", weights_only=True)["config"]["delta_weight"]
+               for name in ("encoder_no_delta", "encoder_with_delta")}
+    assert weights == {"encoder_no_delta": 0.0, "encoder_with_delta": weight}
+    assert titles["encoder_no_delta"]["figure"] == "encoder, no delta loss: delta loss not optimised (weight 0)"
+    assert titles["encoder_no_delta"]["delta"] == "delta (weight 0: logged, not optimised)"
+    assert titles["encoder_with_delta"]["figure"] == f"encoder, with delta loss: delta loss weighted {weight:g}"
+    assert titles["encoder_with_delta"]["delta"] == f"delta (weight {weight:g})"
+    assert (out / "encoder_no_delta" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A re-run into the same folder is refused before anything is trained, naming the way out.
+    before = (out / "encoder_no_delta" / "encoder.pt").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"encoder_no_delta' already holds a training run: reuse its encoder "
+                                         r"'.*encoder_no_delta/encoder\.pt' as without_delta_ckpt "
+                                         r"\(--without-delta-ckpt\)"):
+        run_retrieval_eval(out, corpus, encoder, train, with_delta_ckpt=report["checkpoints"]
+                           ["encoder, with delta loss"], progress=False)
+    assert (out / "encoder_no_delta" / "encoder.pt").stat().st_mtime_ns == before
+    again = run_retrieval_eval(out, corpus, encoder, train, progress=False,
+                               with_delta_ckpt=report["checkpoints"]["encoder, with delta loss"],
+                               without_delta_ckpt=report["checkpoints"]["encoder, no delta loss"])
+    assert again["results"] == report["results"]
+
+
+def test_plot_titles_follow_the_loss_weights(tmp_path):
+    from lrag_engine.encoder.model import EncoderConfig
+    from lrag_engine.encoder.train import plot_history
+
+    gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
+    values = torch.rand(5, 4, generator=gen).tolist()
+    history = {"train": [{"step": i + 1, **dict(zip(("total", "recon", "delta", "smooth"), v))}
+                         for i, v in enumerate(values)], "val": []}
+    cfg = EncoderConfig(delta_weight=0.0, smooth_weight=0.25)
+    drawn = plot_history(history, tmp_path / "curves.png", cfg, "run A")
+    assert drawn == {"figure": "run A: delta loss not optimised (weight 0)",
+                     "total": "total = recon + 0*delta + 0.25*smooth",
+                     "recon": "recon (MSE, weight 1)",
+                     "delta": "delta (weight 0: logged, not optimised)",
+                     "smooth": "smooth (weight 0.25)"}
+    drawn = plot_history(history, tmp_path / "curves.png", EncoderConfig(delta_weight=1.5, smooth_weight=0.0))
+    assert drawn["figure"] == "encoder training: delta loss weighted 1.5"
+    assert drawn["delta"] == "delta (weight 1.5)" and drawn["smooth"] == "smooth (weight 0: logged, not optimised)"

@@ -58,7 +58,7 @@ def test_corpus_errors(tmp_path):
     with pytest.raises(CorpusError, match="shard_00001.safetensors.*missing"):
         LatentCorpus(root)
     (root / "shard_00001.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CorpusError, match="could not be read"):
+    with pytest.raises(CorpusError, match="shard_00001.safetensors' is not a readable safetensors file"):
         LatentCorpus(root)
     save_file({"latents": torch.zeros(3, 4, 2, 3, 6)}, str(root / "shard_00001.safetensors"))
     with pytest.raises(CorpusError, match=r"latents are \(3, 4, 2, 3, 6\)"):

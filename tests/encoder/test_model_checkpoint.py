@@ -18,26 +18,32 @@ def _small(seed=0, **overrides):
 
 def test_default_state_dict_keys_follow_spec():
     sd = RetrievalEncoder(EncoderConfig()).state_dict()
+    # Flat stacks (SPEC section 5): encoder stage i at 4i.., decoder stage i at 5i..
     expected_shapes = {
-        "encoder.conv_stack.0.0.weight": (64, 16, 3, 3),
-        "encoder.conv_stack.0.1.weight": (64,),
-        "encoder.conv_stack.0.3.block.0.weight": (64,),
-        "encoder.conv_stack.0.3.block.2.weight": (64, 64, 3, 3),
-        "encoder.conv_stack.0.3.block.5.weight": (64, 64, 3, 3),
-        "encoder.conv_stack.2.0.weight": (256, 128, 3, 3),
+        "encoder.conv_stack.0.weight": (64, 16, 3, 3),
+        "encoder.conv_stack.1.weight": (64,),
+        "encoder.conv_stack.3.block.0.weight": (64,),
+        "encoder.conv_stack.3.block.2.weight": (64, 64, 3, 3),
+        "encoder.conv_stack.3.block.5.weight": (64, 64, 3, 3),
+        "encoder.conv_stack.4.weight": (128, 64, 3, 3),
+        "encoder.conv_stack.8.weight": (256, 128, 3, 3),
+        "encoder.conv_stack.9.weight": (256,),
+        "encoder.conv_stack.11.block.5.weight": (256, 256, 3, 3),
         "encoder.final_norm.0.weight": (256,),
         "encoder.fc.weight": (1024, 256),
         "decoder.fc.0.weight": (256 * 8 * 13, 1024),
-        "decoder.upsample_stack.0.1.weight": (128, 256, 3, 3),
-        "decoder.upsample_stack.0.2.weight": (128,),
-        "decoder.upsample_stack.1.4.block.5.weight": (64, 64, 3, 3),
+        "decoder.upsample_stack.1.weight": (128, 256, 3, 3),
+        "decoder.upsample_stack.2.weight": (128,),
+        "decoder.upsample_stack.4.block.2.weight": (128, 128, 3, 3),
+        "decoder.upsample_stack.6.weight": (64, 128, 3, 3),
+        "decoder.upsample_stack.9.block.5.weight": (64, 64, 3, 3),
         "decoder.final.1.weight": (16, 64, 3, 3),
     }
     for key, shape in expected_shapes.items():
         assert key in sd, f"missing {key}"
         assert tuple(sd[key].shape) == shape, key
-    assert "encoder.conv_stack.3.0.weight" not in sd
-    assert "decoder.upsample_stack.2.1.weight" not in sd
+    assert "encoder.conv_stack.12.weight" not in sd and "encoder.conv_stack.0.0.weight" not in sd
+    assert "decoder.upsample_stack.10.weight" not in sd and "decoder.upsample_stack.0.1.weight" not in sd
     assert {k.split(".")[0] for k in sd} == {"encoder", "decoder"}
     assert {k.split(".")[1] for k in sd} == {"conv_stack", "final_norm", "fc", "upsample_stack", "final"}
 
@@ -72,8 +78,8 @@ def test_config_validation_names_the_field(bad, match):
 
 
 def test_config_from_dict_warns_on_unknown_keys():
-    with pytest.warns(UserWarning, match="lr"):
-        cfg = EncoderConfig.from_dict({**SMALL, "hidden_dims": [8, 12], "lr": 1e-4})
+    with pytest.warns(UserWarning, match=r"\['dropout'\]"):
+        cfg = EncoderConfig.from_dict({**SMALL, "hidden_dims": [8, 12], "dropout": 0.1, "lr": 1e-4})
     assert cfg == EncoderConfig(**SMALL)
 
 
@@ -81,7 +87,7 @@ def test_round_trip_gives_identical_embeddings(tmp_path):
     model = _small(seed=1).eval()
     path = tmp_path / "ae.pt"
     save_checkpoint(path, model)
-    raw = torch.load(path, weights_only=False)
+    raw = torch.load(path, weights_only=True)
     assert set(raw) == {"config", "model"} and raw["config"]["hidden_dims"] == [8, 12]
     loaded = load_checkpoint(path)
     frames = torch.randn(3, 5, 11, 14)
@@ -112,7 +118,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="junk.pt' is not a readable torch file"):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="must hold a dict"):
         load_checkpoint(_write(tmp_path / "list.pt", [1, 2]))

@@ -43,7 +43,7 @@ def test_outputs_and_validation(latents, tmp_path):
     assert [r["step"] for r in result.history["val"]] == [3, 6]
     assert json.loads((tmp_path / "history.json").read_text()) == result.history
     assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    public = torch.load(tmp_path / "encoder.pt", weights_only=False)
+    public = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert set(public) == {"config", "model"}
     frames = latents[0, :5]
     with torch.no_grad():
@@ -54,11 +54,11 @@ def test_outputs_and_validation(latents, tmp_path):
 def test_resume_continues_at_the_right_step(latents, tmp_path):
     straight = train_encoder(MODEL, _train_cfg(), latents, tmp_path / "a", progress=False)
     train_encoder(MODEL, _train_cfg(steps=3), latents, tmp_path / "b", progress=False)
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
     resumed = train_encoder(MODEL, _train_cfg(), latents, tmp_path / "b", resume=tmp_path / "b" / "last.pt",
                             progress=False)
     assert [r["step"] for r in resumed.history["train"]] == [1, 2, 3, 4, 5, 6]
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 6
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 6
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert_close(b, a, name=name)
     for a, b in zip(straight.history["train"], resumed.history["train"]):

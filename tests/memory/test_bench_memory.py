@@ -23,6 +23,8 @@ def test_bench_memory_quick_writes_json(tmp_path):
     cpu = result["cpu_tables"]
     for key in ("alloc_free_pages_per_s", "append_with_spill_pages_per_s", "prefetch_plan_us"):
         assert cpu[key] > 0
+    drops = result["cpu_drop_oldest"]
+    assert all(drops[f"{kind}_append_drop_us_at_{n}_frames"] > 0 for kind in ("torch", "paged") for n in (4, 16))
     if not torch.cuda.is_available():
         assert result["cuda"] == {"skipped": "no CUDA device visible to torch"}
     else:

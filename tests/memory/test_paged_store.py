@@ -118,7 +118,8 @@ def test_drop_oldest_matches_history_store():
             ref.append(*block)
         assert paged.dropped_frames == ref.dropped_frames
         dropped_now = ref.dropped_frames - dropped_before
-        assert any("dropping" in str(w.message) for w in caught) == (dropped_now > 0)
+        warned = [w for w in caught if "dropping" in str(w.message)]
+        assert len(warned) == (1 if dropped_now > 0 and dropped_before == 0 else 0)
         assert paged.num_frames == ref.num_frames
         assert torch.equal(paged.descriptors(), ref.descriptors())
         for f in range(ref.num_frames):
@@ -127,17 +128,25 @@ def test_drop_oldest_matches_history_store():
 
 
 @needs_ext
-def test_drop_oldest_warns_each_time_frames_are_dropped():
+@pytest.mark.parametrize("kind", ["paged", "torch"])
+def test_drop_oldest_warns_once_when_dropping_starts(kind):
     from lrag_engine.memory.paged import PagedHistoryStore
     kw = _kwargs(1, 1, 2, 1, 2, 2, torch.float32)
     fb = _frame_bytes(kw)
-    store = PagedHistoryStore(**kw, gpu_budget_bytes=fb, host_budget_bytes=fb, overflow_policy="drop_oldest")
+    store = (PagedHistoryStore(**kw, gpu_budget_bytes=fb, host_budget_bytes=fb, overflow_policy="drop_oldest")
+             if kind == "paged" else HistoryStore(**kw, gpu_budget_bytes=2 * fb, overflow_policy="drop_oldest"))
     g = torch.Generator().manual_seed(2)
     store.append(*_random_block(kw, 1, g))
     store.append(*_random_block(kw, 1, g))
-    with pytest.warns(UserWarning, match="dropping the 1 oldest"):
+    with pytest.warns(UserWarning, match="budget full at 2 frames.*dropping the oldest") as caught:
         store.append(*_random_block(kw, 1, g))
+    assert len(caught) == 1
     assert store.dropped_frames == 1 and store.num_frames == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # later drops are silent
+        for _ in range(5):
+            store.append(*_random_block(kw, 1, g))
+    assert store.dropped_frames == 6 and store.num_frames == 2
 
 
 @needs_ext
@@ -157,7 +166,7 @@ def test_forked_pages_block_drop_oldest_with_a_clear_error():
     with pytest.raises(ValueError, match="stream 0 is engine stream"):
         store.free_stream(0)
     store.free_stream(child)
-    with pytest.warns(UserWarning, match="dropping the 1 oldest"):
+    with pytest.warns(UserWarning, match="dropping the oldest"):
         store.append(*_random_block(kw, 1, g))  # room again once the fork is gone
     assert store.dropped_frames == 1
 

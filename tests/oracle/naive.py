@@ -206,10 +206,20 @@ class BlockWindow:
     history_before: list[int]
 
 
-def plan_windows(num_blocks: int, frames_per_block: int, window: int, sink: int) -> list[BlockWindow]:
-    """Simulate the window frame by frame: sinks never leave, the oldest non-sink frames go."""
+class HistoryOverflow(Exception):
+    """The history outgrew its capacity under the "error" overflow policy."""
+
+
+def plan_windows(num_blocks: int, frames_per_block: int, window: int, sink: int,
+                 capacity: int | None = None, overflow: str = "drop_oldest") -> list[BlockWindow]:
+    """Simulate the window frame by frame: sinks never leave, the oldest non-sink frames go.
+
+    capacity: history frames kept (None: all). Past it, ``overflow="drop_oldest"``
+    forgets the oldest history frames one by one; ``"error"`` raises HistoryOverflow.
+    """
     in_window: list[int] = []
     history: list[int] = []
+    evicted_ever: list[int] = []
     plans = []
     for block in range(num_blocks):
         frames = list(range(block * frames_per_block, (block + 1) * frames_per_block))
@@ -220,11 +230,38 @@ def plan_windows(num_blocks: int, frames_per_block: int, window: int, sink: int)
             in_window.remove(victim)
             history.append(victim)
             evicted.append(victim)
+            evicted_ever.append(victim)
+            if capacity is not None and len(history) > capacity:
+                if overflow == "error":
+                    raise HistoryOverflow(f"block {block}: history of {len(history)} frames > {capacity}")
+                history.pop(0)
         in_window.extend(frames)
         plans.append(BlockWindow(block, frames, list(in_window), evicted, history_before))
-    for i, frame in enumerate(history):
+    for i, frame in enumerate(evicted_ever):
         assert frame == sink + i, "evicted frame i must be global frame sink + i"
     return plans
+
+
+def history_capacity(cfg, batch: int, dtype: torch.dtype, top_k: int, frames_per_block: int,
+                     gpu_budget_bytes: int | None, host_budget_bytes: int | None,
+                     history_tier: str = "device") -> int | None:
+    """Frames a history keeps under byte budgets, by the rule the engine documents.
+
+    A page is the K and V of one frame, one layer, one stream: 2 x tokens x dim values.
+    Each budget holds whole pages; a frame is num_layers x batch pages. With the host
+    tier the device holds a staging pool of top_k + frames_per_block frames whose
+    pages hold history too. None: no device budget, nothing is ever dropped.
+    """
+    page_bytes = 2 * cfg.tokens_per_frame * cfg.dim * torch.empty(0, dtype=dtype).element_size()
+    pages_per_frame = cfg.num_layers * batch
+    if history_tier == "host":
+        gpu_pages = (top_k + frames_per_block) * pages_per_frame
+    elif gpu_budget_bytes is None:
+        return None
+    else:
+        gpu_pages = gpu_budget_bytes // page_bytes
+    host_pages = 0 if host_budget_bytes is None else host_budget_bytes // page_bytes
+    return (gpu_pages + host_pages) // pages_per_frame
 
 
 def eligible_frames(history_before: list[int], recency_guard: int) -> list[int]:
@@ -419,11 +456,14 @@ def _generate_one(state, cfg, noise, text, renoise, plans, timesteps, window, si
 
 def naive_generate(state_dict, model_cfg, window, sink, top_k, recency_guard, frames_per_block,
                    noise, text, renoise, steps=(1000, 750, 500, 250), shift=5.0,
-                   widen_local_until_memory=False, dtype=torch.float32):
+                   widen_local_until_memory=False, dtype=torch.float32, history_capacity=None,
+                   overflow="drop_oldest"):
     """Generate a video the slow, obvious way.
 
     noise: [B, T, C, H, W]; text: [B, L, text_dim]; renoise: one [B, F, C, H, W] per block
-    and non-final step, block-major. Returns (latents [B, T, C, H, W] in ``dtype``, log),
+    and non-final step, block-major. history_capacity / overflow: see ``plan_windows``
+    (HistoryOverflow before any work when the "error" policy would trip).
+    Returns (latents [B, T, C, H, W] in ``dtype``, log),
     log holding one dict per block: block, frames (start, stop), query_frame (global id
     or None), selected (per batch element, global ids best first), similarities, and
     margin (smallest score gap that decided the selection, over the batch).
@@ -439,7 +479,7 @@ def naive_generate(state_dict, model_cfg, window, sink, top_k, recency_guard, fr
     missing = set(wan_parameter_shapes(model_cfg)) - set(state)
     if missing:
         raise KeyError(f"state dict lacks {sorted(missing)}")
-    plans = plan_windows(num_blocks, frames_per_block, window, sink)
+    plans = plan_windows(num_blocks, frames_per_block, window, sink, history_capacity, overflow)
     timesteps = warped_timesteps(steps, shift)
 
     latents, per_element = [], []

@@ -6,19 +6,22 @@ frames.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from lrag_engine.config import MemoryConfig, ModelConfig, RuntimeConfig
+from lrag_engine.memory import _ext
 from lrag_engine.testing import assert_close, tolerance
-from naive import (BlockWindow, attention, block_context, dit_forward, eligible_frames, embed_text,
-                   naive_generate, patchify, plan_windows, random_state_dict, retrieve, rope_rotate,
-                   rope_split, sinusoidal_embedding, unpatchify, wan_parameter_shapes,
-                   warped_timesteps)
+from naive import (BlockWindow, HistoryOverflow, attention, block_context, dit_forward, eligible_frames,
+                   embed_text, history_capacity, naive_generate, patchify, plan_windows, random_state_dict,
+                   retrieve, rope_rotate, rope_split, sinusoidal_embedding, unpatchify,
+                   wan_parameter_shapes, warped_timesteps)
 
 TINY = ModelConfig.preset("tiny")
 TEXT_LEN = 5   # < TINY.text_len, so the zero padding is exercised
@@ -43,11 +46,28 @@ class Setting:
     batch: int = 1
     widen: bool = False
     expect_partial: bool = False   # some block must find fewer than top_k eligible frames
+    # History budgets in frames of the batch (fractions exercise the rounding down).
+    gpu_budget_frames: float | None = None
+    host_budget_frames: float | None = None
+    history_tier: str = "device"
+    overflow: str = "drop_oldest"
+
+    def budget_bytes(self, frames: float | None) -> int | None:
+        frame_bytes = 2 * TINY.num_layers * self.batch * TINY.tokens_per_frame * TINY.dim * 4
+        return None if frames is None else int(frames * frame_bytes)
 
     def memory(self) -> MemoryConfig:
         return MemoryConfig(window=self.window, sink=self.sink, top_k=self.top_k,
                             recency_guard=self.recency_guard, frames_per_block=self.frames_per_block,
-                            widen_local_until_memory=self.widen)
+                            widen_local_until_memory=self.widen,
+                            gpu_budget_bytes=self.budget_bytes(self.gpu_budget_frames),
+                            host_budget_bytes=self.budget_bytes(self.host_budget_frames),
+                            history_tier=self.history_tier, overflow_policy=self.overflow)
+
+    def capacity(self) -> int | None:
+        return history_capacity(TINY, self.batch, torch.float32, self.top_k, self.frames_per_block,
+                                self.budget_bytes(self.gpu_budget_frames),
+                                self.budget_bytes(self.host_budget_frames), self.history_tier)
 
 
 def make_inputs(setting: Setting, seed: int):
@@ -72,10 +92,12 @@ def make_inputs(setting: Setting, seed: int):
     return state, noise, text, renoise
 
 
-def run_oracle(setting: Setting, state, noise, text, renoise, dtype=torch.float32):
+def run_oracle(setting: Setting, state, noise, text, renoise, dtype=torch.float32, bounded=True):
     return naive_generate(state, TINY, setting.window, setting.sink, setting.top_k,
                           setting.recency_guard, setting.frames_per_block, noise, text, renoise,
-                          steps=STEPS, shift=5.0, widen_local_until_memory=setting.widen, dtype=dtype)
+                          steps=STEPS, shift=5.0, widen_local_until_memory=setting.widen, dtype=dtype,
+                          history_capacity=setting.capacity() if bounded else None,
+                          overflow=setting.overflow)
 
 
 def run_engine(setting: Setting, state, noise, text, renoise, kernels="reference", device="cpu",
@@ -175,6 +197,92 @@ def test_engine_matches_oracle(setting: Setting):
     check_engine_against_oracle(setting, kernels="reference")
 
 
+# Budgets small enough that the oldest frames are dropped for most of the video (36
+# frames are evicted in all), with R low enough that full top-K retrievals still happen.
+BUDGET_SETTINGS = [
+    pytest.param(Setting(recency_guard=2, gpu_budget_frames=10.5), id="device-10.5f-drop"),
+    pytest.param(Setting(recency_guard=1, top_k=4, gpu_budget_frames=4.7, host_budget_frames=4.6),
+                 id="device4.7f+host4.6f-drop"),
+    pytest.param(Setting(recency_guard=2, history_tier="host", host_budget_frames=2.5), id="host-2.5f-drop"),
+    pytest.param(Setting(recency_guard=1, top_k=3, batch=2, history_tier="host", host_budget_frames=5),
+                 id="host-5f-drop-B2"),
+    pytest.param(Setting(window=6, top_k=2, recency_guard=0, frames_per_block=1, gpu_budget_frames=3),
+                 id="W6-F1-device-3f-drop"),
+    # Budgets that hold the whole history, under the "error" policy: nothing dropped.
+    pytest.param(Setting(recency_guard=2, history_tier="host", host_budget_frames=40, overflow="error"),
+                 id="host-40f-error"),
+]
+
+
+@pytest.mark.parametrize("setting", BUDGET_SETTINGS)
+def test_engine_matches_oracle_with_history_budgets(setting: Setting):
+    """Byte budgets, drop_oldest and the host tier against the oracle's capacity rule:
+    same selections (global ids), similarities and latents."""
+    if setting.history_tier == "host" or setting.host_budget_frames is not None:
+        if not _ext.extension_available():
+            pytest.fail(f"the host tier needs the C++ extension: {_ext.missing_reason()}")
+    state, noise, text, renoise = make_inputs(setting, seed=1234)
+    oracle_latents, oracle_log = run_oracle(setting, state, noise, text, renoise)
+    check_oracle_log_is_informative(setting, oracle_log)
+    capacity = setting.capacity()
+    evicted = setting.blocks * setting.frames_per_block - setting.window
+    if setting.overflow == "drop_oldest":
+        # The budget must matter: frames are dropped, and retrieval differs from an
+        # unbounded history in some block.
+        assert capacity < evicted
+        unbounded = dataclasses.replace(setting, gpu_budget_frames=None, host_budget_frames=None,
+                                        history_tier="device")
+        unbounded_log = run_engine(unbounded, state, noise, text, renoise).log
+        assert any(got.selected != want["selected"] for got, want in zip(unbounded_log, oracle_log))
+    else:
+        assert capacity >= evicted
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_engine(setting, state, noise, text, renoise)
+    compare_logs(result.log, oracle_log, setting.batch)
+    assert_close(result.latents, oracle_latents, dtype=torch.float32, name="latents")
+    dropping = [w for w in caught if "dropping" in str(w.message)]
+    assert len(dropping) == (1 if setting.overflow == "drop_oldest" else 0), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("setting", [
+    pytest.param(Setting(recency_guard=2, gpu_budget_frames=10.5, overflow="error"), id="device-10.5f"),
+    pytest.param(Setting(recency_guard=2, history_tier="host", host_budget_frames=2.5, overflow="error"),
+                 id="host-2.5f"),
+])
+def test_error_policy_refuses_what_the_oracle_cannot_hold(setting: Setting):
+    from lrag_engine.memory.history import HistoryFullError
+    state, noise, text, renoise = make_inputs(setting, seed=1234)
+    with pytest.raises(HistoryOverflow):
+        plan_windows(setting.blocks, setting.frames_per_block, setting.window, setting.sink,
+                     setting.capacity(), "error")
+    with pytest.raises(HistoryFullError, match=f"hold {setting.capacity()} frames"):
+        run_engine(setting, state, noise, text, renoise)
+
+
+def test_history_capacity_rule_by_hand():
+    # tiny: 4x6 = 24 tokens x dim 64 x float32 = 6144 bytes of K, as much of V: 12288 per
+    # page; 2 layers x batch 2 = 4 pages per frame.
+    page = 12288
+    assert history_capacity(TINY, 2, torch.float32, 6, 3, None, None) is None
+    assert history_capacity(TINY, 2, torch.float32, 6, 3, None, 100 * page) is None
+    assert history_capacity(TINY, 2, torch.float32, 6, 3, 9 * page - 1, None) == 2     # 8 pages
+    assert history_capacity(TINY, 2, torch.float32, 6, 3, 9 * page, 3 * page + 7) == 3  # 12 pages
+    assert history_capacity(TINY, 2, torch.float32, 6, 3, None, 5 * page, "host") == 10  # 36 + 5 pages
+    assert history_capacity(TINY, 1, torch.bfloat16, 2, 1, 4 * page, None) == 4          # bf16 pages: half
+
+
+def test_plan_windows_drops_the_oldest_history_frames_by_hand():
+    # W=4, S=1, F=1: frames 1, 2, ... are evicted one per block from block 4 on; the
+    # third eviction (block 6) drops frame 1.
+    plans = plan_windows(8, frames_per_block=1, window=4, sink=1, capacity=2)
+    assert [p.history_before for p in plans] == [[], [], [], [], [], [1], [1, 2], [2, 3]]
+    assert plans[7].window == [0, 5, 6, 7]
+    with pytest.raises(HistoryOverflow, match="block 6"):
+        plan_windows(8, frames_per_block=1, window=4, sink=1, capacity=2, overflow="error")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("setting", [
@@ -201,6 +309,33 @@ def test_engine_with_triton_kernels_matches_oracle(setting: Setting):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     pytest.importorskip("triton")
     check_engine_against_oracle(setting, kernels="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_engine_in_16_bit_within_twice_the_naive_error(dtype):
+    """STYLE's rule for long reductions: the engine in ``dtype`` may be off the float64
+    oracle by at most twice what the oracle itself is off when it computes in ``dtype``
+    (max and mean error), over a video with retrieval active and the same selections."""
+    setting = Setting(window=6, top_k=2, recency_guard=0, blocks=5)
+    state, noise, text, renoise = make_inputs(setting, seed=1234)
+    truth, truth_log = run_oracle(setting, state, noise, text, renoise, dtype=torch.float64)
+    naive, naive_log = run_oracle(setting, state, noise, text, renoise, dtype=dtype)
+    assert any(sel for entry in truth_log for sel in entry["selected"]), "retrieval never ran"
+    assert [e["selected"] for e in naive_log] == [e["selected"] for e in truth_log]
+
+    from lrag_engine import Engine
+    engine = Engine(model=TINY, memory=setting.memory(),
+                    runtime=RuntimeConfig(dtype=str(dtype).removeprefix("torch."), kernels="reference",
+                                          denoising_steps=STEPS, shift=5.0))
+    engine.model.load_state_dict(state)
+    result = engine.generate(num_frames=noise.shape[1], text=text, noise=noise, renoise=renoise)
+    assert [[list(map(int, sel)) for sel in e.selected] for e in result.log] == \
+        [e["selected"] for e in truth_log]
+    err = (result.latents.double() - truth).abs()
+    naive_err = (naive.double() - truth).abs()
+    assert torch.isfinite(err).all()
+    assert err.max() <= 2 * naive_err.max(), f"max err {err.max():.3e} vs naive {naive_err.max():.3e}"
+    assert err.mean() <= 2 * naive_err.mean(), f"mean err {err.mean():.3e} vs naive {naive_err.mean():.3e}"
 
 
 # ----------------------------------------------------------------------------- the oracle itself
