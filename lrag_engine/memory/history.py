@@ -116,17 +116,17 @@ class HistoryStore:
         if self.num_frames + fe > self.capacity_frames:
             self._reserve(max(self.num_frames + fe, 2 * self.capacity_frames))
         cap, per_frame = self.capacity_frames, self.batch * self.num_layers
-        # [L, B, Fe, ...] -> page order (f, b, l), written as at most two runs of ring slots.
-        pages_k = k.permute(2, 1, 0, 3, 4, 5).reshape(fe * per_frame, *self.page_shape)
-        pages_v = v.permute(2, 1, 0, 3, 4, 5).reshape(fe * per_frame, *self.page_shape)
+        # [L, B, Fe, ...] -> page order (f, b, l), written as at most two runs of ring slots,
+        # each copied straight from the permuted view (no intermediate copy).
         first = (self._head + self.num_frames) % cap
         for f0, f1 in ((0, min(fe, cap - first)), (cap - first, fe)):
             if f0 >= f1:
                 continue
             dst = ((first + f0) % cap) * per_frame
             n = (f1 - f0) * per_frame
-            self.pool_k[dst:dst + n].copy_(pages_k[f0 * per_frame:f1 * per_frame])
-            self.pool_v[dst:dst + n].copy_(pages_v[f0 * per_frame:f1 * per_frame])
+            for pool, src in ((self.pool_k, k), (self.pool_v, v)):
+                pool[dst:dst + n].view(f1 - f0, self.batch, self.num_layers, *self.page_shape).copy_(
+                    src[:, :, f0:f1].permute(2, 1, 0, 3, 4, 5))
         self._ring.append(descriptors)
         self.num_frames += fe
 
