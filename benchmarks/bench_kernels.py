@@ -3,7 +3,7 @@
 On CUDA: median times (``triton.testing.do_bench``) of each kernel and of its PyTorch
 equivalent, bytes moved over time in GB/s next to a measured device-to-device copy
 bandwidth, and the speed-up; results go to a JSON file with the environment record of
-``benchmarks/common.py`` (date, commit, versions, device). Without CUDA nothing is timed:
+``lrag_engine.bench.records`` (date, commit, versions, device). Without CUDA nothing is timed:
 the script says so and exits 0, or with ``--smoke`` runs both kernels once at tiny sizes
 in the Triton interpreter and checks them against the references.
 
@@ -18,9 +18,13 @@ from pathlib import Path
 
 import torch
 
+from lrag_engine.bench.devices import device_slug
+from lrag_engine.bench.provenance import now
+from lrag_engine.bench.rates import copy_bandwidth
+from lrag_engine.bench.records import environment, write_json
+from lrag_engine.bench.timing import do_bench_ms
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks import common  # noqa: E402
 
 SEARCH_CASES = [(1, 4096, 1024, 6), (8, 4096, 1024, 6), (8, 100_000, 1024, 6)]  # (B, N, D, k), bf16
 # Wan 1.3B: 30 layers, 1560 tokens per frame, 12 heads x 128; K=6 retrieved + window 12.
@@ -72,10 +76,10 @@ def bench_search(copy_gbps: float) -> list[dict]:
         exact = bool(torch.equal(got[1], want[1]))
         nbytes = keys.numel() * keys.element_size() + query.numel() * query.element_size()
         times = {
-            "triton": common.do_bench_ms(lambda: search_topk(query, keys, k, eligible, mode="triton")),
-            "triton_norms_kept": common.do_bench_ms(
+            "triton": do_bench_ms(lambda: search_topk(query, keys, k, eligible, mode="triton")),
+            "triton_norms_kept": do_bench_ms(
                 lambda: search_topk(query, keys, k, eligible, key_norms=norms, mode="triton")),
-            "torch": common.do_bench_ms(lambda: torch_search(query, keys, k, eligible)),
+            "torch": do_bench_ms(lambda: torch_search(query, keys, k, eligible)),
         }
         results.append(dict(
             op="search_topk", shape=dict(B=batch, N=n, D=d, k=k), dtype="bfloat16", bytes=nbytes,
@@ -108,9 +112,9 @@ def bench_splice(copy_gbps: float) -> dict:
     v_exact = bool(torch.equal(outs[1], outs[3]))
     nbytes = 4 * pages * n * c["heads"] * c["head_dim"] * 2  # K and V, read once and written once
     times = {
-        "triton": common.do_bench_ms(
+        "triton": do_bench_ms(
             lambda: splice(pool_k, pool_v, page_ids, positions, tables, outs[0], outs[1], mode="triton")),
-        "torch": common.do_bench_ms(
+        "torch": do_bench_ms(
             lambda: torch_splice(pool_k, pool_v, page_ids, positions, tables, outs[2], outs[3])),
     }
     return dict(
@@ -155,14 +159,14 @@ def main() -> int:
         print("bench_kernels: no CUDA device, nothing measured (--smoke runs a tiny interpreter check)")
         return 0
     device = torch.device("cuda", torch.cuda.current_device())
-    env = common.environment(device)
-    copy = common.copy_bandwidth(device)
+    env = environment(device)
+    copy = copy_bandwidth(device)
     copy_gbps = copy["d2d_bytes_per_s"] / 1e9
     cases = bench_search(copy_gbps) + [bench_splice(copy_gbps)]
     report = dict(benchmark="kernels", environment=env, copy_bandwidth=copy, cases=cases)
-    date = common.now().strftime("%Y-%m-%d")
-    out = args.out or REPO / "benchmarks" / "results" / f"kernels-{common.device_slug(device)}-{date}.json"
-    common.write_json(out, report)
+    date = now().strftime("%Y-%m-%d")
+    out = args.out or REPO / "benchmarks" / "results" / f"kernels-{device_slug(device)}-{date}.json"
+    write_json(out, report)
     print(f"device {env['device']['name']}; copy {copy_gbps:.0f} GB/s")
     print(f"{'case':<42} {'variant':<18} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
     for case in cases:

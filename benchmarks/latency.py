@@ -33,15 +33,18 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from lrag_engine.bench.devices import device_slug
+from lrag_engine.bench.flops import block_flops, context_frames, forward_flops  # noqa: F401
+from lrag_engine.bench.nvml import NvmlSampler
+from lrag_engine.bench.provenance import now
+from lrag_engine.bench.rates import copy_bandwidth, matmul_rate
+from lrag_engine.bench.records import environment, write_json
+from lrag_engine.bench.timing import percentile, synchronize
+from lrag_engine.config import MODEL_PRESETS, MemoryConfig, ModelConfig, RuntimeConfig, resolve_dtype
+from lrag_engine.engine import Engine
+from lrag_engine.memory.budget import HistoryBudget
 
-from benchmarks import common  # noqa: E402
-from benchmarks.flops import block_flops, context_frames, forward_flops  # noqa: E402,F401
-from lrag_engine.config import (MODEL_PRESETS, MemoryConfig, ModelConfig, RuntimeConfig,  # noqa: E402
-                                resolve_dtype)
-from lrag_engine.engine import Engine  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 VAE_TIME_STRIDE = 4  # Wan VAE: one latent frame decodes to 4 video frames
 # Blocks averaged at each end of the steady state for the "cost vs video length" growth.
@@ -92,25 +95,35 @@ def _retrieved(log) -> int:
 def _build(mode: Mode, model: ModelConfig, device: torch.device, dtype: str, seed: int, frames: int):
     options = dict(mode.memory)
     if options.get("history_tier") == "host":
-        # The pinned host tier is allocated up front: room for every frame of the run.
-        itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-        frame_bytes = 2 * model.num_layers * model.tokens_per_frame * model.dim * itemsize
-        options["host_budget_bytes"] = frames * frame_bytes
+        # A host-tier budget with room for every frame of the run (batch 1); frame bytes
+        # do not depend on the memory rules.
+        budget = HistoryBudget.plan(MemoryConfig(), model.num_layers, 1, model.tokens_per_frame,
+                                    model.num_heads, model.head_dim, resolve_dtype(dtype))
+        options["host_budget_bytes"] = frames * budget.frame_bytes
     memory = MemoryConfig(**options)
     runtime = RuntimeConfig(device=str(device), dtype=dtype, **mode.runtime)
     return Engine(model=model, memory=memory, runtime=runtime, seed=seed)
 
 
-def _effective(engine: Engine) -> dict:
-    """What the engine's last run really used, as far as it exposes it: static (on CUDA:
-    captured) forwards, and where the history store kept its pages."""
+def _effective(engine: Engine, at_last_block: dict | None = None) -> dict:
+    """What the engine's last run really used, from its public API: static (on CUDA:
+    captured) forwards, the page-table backend, and the history page pool's chunks and
+    bytes. Reserved chunks stay with the pool after the run's session closed;
+    ``at_last_block`` is ``engine.memory_usage()`` read while the session was still open
+    (pages in use at the end of the run)."""
     graphs = getattr(engine, "graphs", None)
-    info: dict = {"static_forwards": None if graphs is None else len(graphs)}
-    history = getattr(getattr(engine, "cache", None), "history", None)
-    if history is not None:
-        host = getattr(history, "host_k", None)
-        info.update(history_store=type(history).__name__, history_pool_device=str(history.pool_k.device),
-                    history_host_pages=None if host is None else host.shape[0])
+    info: dict = {"static_forwards": None if graphs is None else len(graphs),
+                  "page_table": engine.describe()["page_table"]}
+    usage = engine.memory_usage()
+    if usage:
+        info.update(history_chunk_pages=usage["chunk_pages"], history_page_bytes=usage["page_bytes"],
+                    history_gpu_chunks=usage["gpu_chunks"], history_host_chunks=usage["host_chunks"],
+                    history_gpu_pages_budget=usage["gpu_pages_budget"],
+                    history_gpu_bytes_reserved=usage["gpu_bytes_reserved"],
+                    history_host_bytes_reserved=usage["host_bytes_reserved"])
+    if at_last_block:
+        info.update(history_gpu_bytes_used_at_end=at_last_block["gpu_bytes_used"],
+                    history_host_bytes_used_at_end=at_last_block["host_bytes_used"])
     return info
 
 
@@ -121,9 +134,14 @@ def _not_applied(mode: Mode, effective: dict, device: torch.device) -> str | Non
         return None
     if mode.runtime.get("cuda_graphs") and effective["static_forwards"] == 0:
         return "cuda_graphs=True but the engine built no static forward"
-    if mode.memory.get("history_tier") == "host" and effective.get("history_pool_device", "").startswith("cuda") \
-            and not effective.get("history_host_pages"):
-        return "history_tier='host' but the engine kept every history page on the device"
+    if mode.memory.get("history_tier") == "host" and "history_host_chunks" in effective \
+            and not effective["history_host_chunks"]:
+        # The device tier is only a staging area: unbounded, or holding more pages than its
+        # budget, means the host tier was not used (a short run may fit the staging).
+        budget = effective["history_gpu_pages_budget"]
+        used = effective.get("history_gpu_bytes_used_at_end", 0) // effective["history_page_bytes"]
+        if budget is None or used > budget:
+            return "history_tier='host' but the engine kept every history page on the device"
     return None
 
 
@@ -153,8 +171,9 @@ def run_mode(name: str, mode: Mode, model: ModelConfig, device: torch.device, dt
     n_blocks = frames // engine.memory.frames_per_block
     events = [torch.cuda.Event(enable_timing=True) for _ in range(n_blocks + 1)] if cuda else []
     wall, cpu, outputs = [time.perf_counter()], [time.process_time()], []
+    at_last_block: dict | None = None
     try:
-        with common.NvmlSampler(device) as sampler:
+        with NvmlSampler(device) as sampler:
             if cuda:
                 events[0].record()
             for i, out in enumerate(engine.stream(num_frames=frames, seed=seed)):
@@ -163,12 +182,14 @@ def run_mode(name: str, mode: Mode, model: ModelConfig, device: torch.device, dt
                 wall.append(time.perf_counter())
                 cpu.append(time.process_time())
                 outputs.append(out)   # the log is read after the loop: reading it syncs
-            common.synchronize(device)
+                if i + 1 == n_blocks:
+                    at_last_block = engine.memory_usage()   # the run's session is still open here
+            synchronize(device)
     except Exception as exc:  # a crash of one mode must not lose the others' numbers
         traceback.print_exc()
         return {**result, "status": "failed", "reason": f"{type(exc).__name__}: {exc}", "engine": describe}
 
-    effective = _effective(engine)
+    effective = _effective(engine, at_last_block)
     mismatch = _not_applied(mode, effective, device)
     if mismatch is not None:
         return {**result, "status": "skipped", "reason": mismatch, "engine": describe, "effective": effective}
@@ -221,7 +242,7 @@ def summarize(r: dict, start: int, rate: float) -> dict:
     on_cuda = r["peak_memory_allocated_bytes"] is not None
     return {
         "steady_blocks": len(times), "first_steady_block": start,
-        "block_ms_median": 1e3 * median, "block_ms_p90": 1e3 * common.percentile(times, 90),
+        "block_ms_median": 1e3 * median, "block_ms_p90": 1e3 * percentile(times, 90),
         "block_ms_mean": 1e3 * statistics.fmean(times), "block_ms_min": 1e3 * min(times),
         "block_ms_max": 1e3 * max(times),
         "latent_frames_per_s": f / median, "fps_video": VAE_TIME_STRIDE * f / median,
@@ -435,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(RuntimeConfig().denoising_steps)} steps + recache, text {model.text_len} tokens, "
           f"random weights, on {device}")
 
-    env = common.environment(device)
-    rate = common.matmul_rate(device)
-    copy = common.copy_bandwidth(device)
+    env = environment(device)
+    rate = matmul_rate(device)
+    copy = copy_bandwidth(device)
     results = []
     for name in modes:
         print(f"  running {name} ...", flush=True)
@@ -480,9 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["derived"] = derived(summaries)
 
-    date = common.now().strftime("%Y-%m-%d")
-    out = args.out or REPO / "benchmarks" / "results" / f"latency-{common.device_slug(device)}-{date}.json"
-    common.write_json(out, report)
+    date = now().strftime("%Y-%m-%d")
+    out = args.out or REPO / "benchmarks" / "results" / f"latency-{device_slug(device)}-{date}.json"
+    write_json(out, report)
     png = plot(report, args.plot or out.with_suffix(".png"))
     print_tables(report)
     print(f"\nwrote {out} and {png}")

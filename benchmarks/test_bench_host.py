@@ -10,8 +10,9 @@ Groups:
   Compare cache work with the whole block to read the scheduler overhead per step.
 - search: the CPU reference search over N history descriptors of dimension D.
 - window: placement of a block in a full window (plan_block + commit).
-- history: append of one block's evicted frames and page-id lookups, torch store and
-  (when the extension is built) the paged C++ store, including host-tier prefetch.
+- history: append of one block's evicted frames and page-id lookups on a history store
+  over a page pool, for both page-table backends ("cpp" when the extension is built,
+  "python"), and the steady append into a full drop_oldest history over both tiers.
 
 Every benchmarked call also runs under plain pytest (``--benchmark-disable``), so the
 suites double as a check that these paths run.
@@ -24,9 +25,10 @@ import torch
 from lrag_engine.attention.backend import get_backend
 from lrag_engine.config import MemoryConfig, ModelConfig, RuntimeConfig
 from lrag_engine.engine import Engine
-from lrag_engine.memory import _ext
+from lrag_engine.memory.budget import HistoryBudget
 from lrag_engine.memory.cache import RetrievalCache
-from lrag_engine.memory.history import HistoryStore
+from lrag_engine.memory.history import HistoryStore, PagePool
+from lrag_engine.memory.page_table import make_page_table
 from lrag_engine.memory.retrieval import MeanDescriptor
 from lrag_engine.memory.window import WindowCache
 from lrag_engine.ops.rope import RopeTables
@@ -41,8 +43,17 @@ STEADY_BLOCKS = 10
 HISTORY_FRAMES = 300
 ROUNDS = 100
 
-needs_paged = pytest.mark.skipif(not _ext.extension_available(),
-                                 reason=f"paged history extension not built: {_ext.missing_reason()}")
+
+def _cpp_table_reason() -> str | None:
+    """None when the C++ page table can be built here, else why not."""
+    try:
+        make_page_table("cpp", 1, 0, 0)
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+needs_cpp = pytest.mark.skipif(_cpp_table_reason() is not None, reason=f"C++ page table: {_cpp_table_reason()}")
 
 
 @pytest.fixture(autouse=True)
@@ -187,11 +198,22 @@ def test_window_plan_and_commit(benchmark):
 
 
 # ---------------------------------------------------------------------- history
-def _store_kwargs(**extra) -> dict:
+def _store(backend: str, memory: MemoryConfig = MEMORY) -> HistoryStore:
+    """A one-stream history at tiny-preset shapes (float32, CPU) over a page pool sized
+    by ``memory``'s budgets, as the engine builds it."""
     cfg = TINY
-    return dict(num_layers=cfg.num_layers, batch=1, tokens_per_frame=cfg.tokens_per_frame,
-                num_heads=cfg.num_heads, head_dim=cfg.head_dim, descriptor_dim=cfg.in_channels,
-                dtype=torch.float32, device="cpu", **extra)
+    budget = HistoryBudget.plan(memory, cfg.num_layers, 1, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim,
+                                torch.float32)
+    gpu_pages, host_pages = budget.pool_pages()
+    pool = PagePool(cfg.num_layers, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim, torch.float32, "cpu",
+                    gpu_pages=gpu_pages, host_pages=host_pages, chunk_pages=budget.chunk_pages, table=backend)
+    return HistoryStore(pool, 1, cfg.in_channels, overflow_policy=memory.overflow_policy)
+
+
+def _frame_bytes() -> int:
+    cfg = TINY
+    return HistoryBudget.plan(MEMORY, cfg.num_layers, 1, cfg.tokens_per_frame, cfg.num_heads, cfg.head_dim,
+                              torch.float32).frame_bytes
 
 
 def _evicted_block(gen: torch.Generator):
@@ -201,27 +223,22 @@ def _evicted_block(gen: torch.Generator):
             torch.randn(1, MEMORY.frames_per_block, cfg.in_channels, generator=gen))
 
 
-def _paged_store(**extra):
-    from lrag_engine.memory.paged import PagedHistoryStore
-    return PagedHistoryStore(**_store_kwargs(**extra))
-
-
-def _filled(store, frames: int = HISTORY_FRAMES):
+def _filled(store: HistoryStore, frames: int = HISTORY_FRAMES) -> HistoryStore:
     gen = torch.Generator().manual_seed(1)
     for _ in range(frames // MEMORY.frames_per_block):
         store.append(*_evicted_block(gen))
     return store
 
 
-STORES = [pytest.param(lambda: HistoryStore(**_store_kwargs()), id="torch"),
-          pytest.param(_paged_store, id="paged", marks=needs_paged)]
+BACKENDS = [pytest.param("cpp", id="cpp", marks=needs_cpp), pytest.param("python", id="python")]
 
 
 @pytest.mark.benchmark(group="history")
-@pytest.mark.parametrize("make_store", STORES)
-def test_history_append_block(benchmark, make_store):
-    """Appending one block's evicted frames (all layers) to a history of ~300 frames."""
-    store = _filled(make_store())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_history_append_block(benchmark, backend):
+    """Appending one block's evicted frames (all layers) to a history of ~300 frames
+    (the engine's default: an unbounded device pool)."""
+    store = _filled(_store(backend))
     gen = torch.Generator().manual_seed(2)
     block = _evicted_block(gen)
     before, calls = store.num_frames, []
@@ -232,31 +249,34 @@ def test_history_append_block(benchmark, make_store):
     benchmark.pedantic(append, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     # --benchmark-disable runs it once: count the calls rather than assume the rounds
     assert calls and store.num_frames == before + len(calls) * MEMORY.frames_per_block
+    assert store.pool.backend == backend
 
 
 @pytest.mark.benchmark(group="history")
-@pytest.mark.parametrize("make_store", STORES)
-def test_history_page_ids(benchmark, make_store):
-    """Page ids [L, B, K] of K = 6 retrieved frames (the splice's input), all on the device tier."""
-    store = _filled(make_store())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_history_page_ids(benchmark, backend):
+    """Page ids [L, B, K] of K = 6 retrieved frames (the splice's input)."""
+    store = _filled(_store(backend))
     ids = torch.randperm(store.num_frames, generator=torch.Generator().manual_seed(3))[:MEMORY.top_k].view(1, -1)
     pages = benchmark(store.page_ids, ids)
     assert pages.shape == (TINY.num_layers, 1, MEMORY.top_k) and bool((pages >= 0).all())
 
 
 @pytest.mark.benchmark(group="history")
-@needs_paged
-def test_paged_page_ids_with_host_prefetch(benchmark):
-    """Page ids of 6 frames that mostly sit in the host tier: the store prefetches them
-    first (a GPU tier of 24 frames, the rest of ~300 frames on the host)."""
-    frame_pages = TINY.num_layers * 2 * TINY.tokens_per_frame * TINY.num_heads * TINY.head_dim * 4
-    store = _filled(_paged_store(gpu_budget_bytes=24 * frame_pages, host_budget_bytes=1000 * frame_pages))
-    gen = torch.Generator().manual_seed(4)
-
-    def lookup():
-        ids = torch.randperm(store.num_frames, generator=gen)[:MEMORY.top_k].view(1, -1)
-        return store.page_ids(ids)
-
-    pages = benchmark(lookup)
-    assert store.usage()["host_used"] > 0
-    assert pages.shape == (TINY.num_layers, 1, MEMORY.top_k) and bool((pages >= 0).all())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_history_append_drop_oldest_two_tiers(benchmark, backend):
+    """Steady-state append of one block into a full drop_oldest history of ~300 frames
+    split over both tiers (24 frames in the device tier, the rest in the host tier)."""
+    fb = _frame_bytes()
+    memory = MemoryConfig(gpu_budget_bytes=24 * fb, host_budget_bytes=(HISTORY_FRAMES - 24) * fb,
+                          overflow_policy="drop_oldest")
+    store = _store(backend, memory)
+    with pytest.warns(UserWarning, match="dropping the oldest"):
+        _filled(store, HISTORY_FRAMES + MEMORY.frames_per_block)
+    block = _evicted_block(torch.Generator().manual_seed(4))
+    benchmark.pedantic(store.append, args=block, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+    usage = store.pool.usage()
+    assert store.num_frames == HISTORY_FRAMES and store.dropped_frames > 0
+    assert usage["gpu_pages_used"] > 0 and usage["host_pages_used"] > 0
+    ids = torch.randperm(store.num_frames, generator=torch.Generator().manual_seed(5))[:MEMORY.top_k].view(1, -1)
+    assert bool((store.page_ids(ids) >= 0).all())

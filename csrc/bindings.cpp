@@ -87,12 +87,17 @@ PYBIND11_MODULE(_C, m) {
       .def("free_pages", &PagedMemory::free_pages)
       .def("can_append", &PagedMemory::can_append, py::arg("streams"), py::arg("frames"))
       .def("append", &PagedMemory::append, py::arg("streams"), py::arg("frames"))
+      .def("place", &PagedMemory::place, py::arg("streams"), py::arg("frames"),
+           "Appends frames without migration: free GPU slots first, then free host slots. Returns each new "
+           "page's location (stream, frame, layer order): GPU slot s as s, host slot h as -1 - h.")
       .def("prefetch", &PagedMemory::prefetch, py::arg("streams"), py::arg("frames"))
       .def("touch", &PagedMemory::touch, py::arg("streams"), py::arg("frames"))
       .def("drop_oldest", &PagedMemory::drop_oldest, py::arg("streams"), py::arg("count"))
       .def("frames_to_drop", &PagedMemory::frames_to_drop, py::arg("streams"), py::arg("pages"))
       .def("grow", &PagedMemory::grow, py::arg("gpu_slots"), py::arg("host_slots"))
       .def("page", &PagedMemory::page, py::arg("stream"), py::arg("frame"), py::arg("layer"))
+      .def("locations", &PagedMemory::locations, py::arg("stream"), py::arg("frame"),
+           "Location of each layer's page of (stream, frame): GPU slot s as s, host slot h as -1 - h.")
       .def("tier", &PagedMemory::tier, py::arg("page"))
       .def("slot", &PagedMemory::slot, py::arg("page"))
       .def("refcount", &PagedMemory::refcount, py::arg("page"))

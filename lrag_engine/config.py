@@ -125,9 +125,12 @@ class MemoryConfig:
     overflow_policy: what happens when the history budgets are full: "error" raises
         before anything is written; "drop_oldest" forgets the oldest history frames
         (with one warning per stream when dropping starts).
-    history_tier: where evicted frames live: "device" (GPU pool, spilling to the
-        host tier past ``gpu_budget_bytes`` when a host budget is set) or "host" (pinned
-        host memory; only the retrieved frames come to the device, once per block).
+    history_tier: where evicted frames live: "device" (the device pool, continuing in
+        the pinned host tier past ``gpu_budget_bytes`` when a host budget is set) or
+        "host" (pinned host memory past a device tier of ``top_k + frames_per_block``
+        frames; the splice reads host pages in place).
+    page_chunk_bytes: the history page pool grows in chunks of this many bytes (whole
+        pages, at least one); existing chunks are never copied.
     """
 
     window: int = 12
@@ -141,6 +144,7 @@ class MemoryConfig:
     host_budget_bytes: int | None = None
     overflow_policy: str = "error"
     history_tier: str = "device"
+    page_chunk_bytes: int = 256 * 2 ** 20
 
     def __post_init__(self) -> None:
         _positive("MemoryConfig", window=self.window, frames_per_block=self.frames_per_block)
@@ -168,6 +172,7 @@ class MemoryConfig:
         if self.history_tier == "host" and self.host_budget_bytes is None:
             raise ValueError("MemoryConfig.history_tier='host' needs host_budget_bytes (the pinned host tier "
                              "is allocated up front)")
+        _positive("MemoryConfig", page_chunk_bytes=self.page_chunk_bytes)
         for name in ("gpu_budget_bytes", "host_budget_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -183,6 +188,7 @@ class MemoryConfig:
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "xformers")
 KERNEL_MODES = ("auto", "triton", "reference")
 RETRIEVAL_FETCH = ("per_block", "per_forward")
+PAGE_TABLES = ("auto", "cpp", "python")
 
 
 @dataclass
@@ -199,6 +205,8 @@ class RuntimeConfig:
         block; "per_forward" fetches them from host memory again for every layer of
         every forward, as the public LongLive-RAG reference does (a benchmark baseline).
     denoising_steps: the (un-warped) step list of SPEC section 3.
+    page_table: the history's page-table backend: "cpp" (the compiled extension),
+        "python" (pure Python, same behaviour), "auto" (cpp when built).
     """
 
     device: str = "cpu"
@@ -210,9 +218,12 @@ class RuntimeConfig:
     denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
     shift: float = 5.0
     num_train_timesteps: int = 1000
+    page_table: str = "auto"
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)
+        if self.page_table not in PAGE_TABLES:
+            raise ValueError(f"RuntimeConfig.page_table must be one of {PAGE_TABLES}, got {self.page_table!r}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as exc:

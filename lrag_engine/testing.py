@@ -45,3 +45,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"{name}: {int(bad.sum())}/{bad.numel()} elements off (atol={atol:g}, rtol={rtol:g}); "
             f"max err {err.max().item():.3e}, mean err {err.mean().item():.3e}; first bad at {where}: "
             f"got {[a[tuple(i)].item() for i in where]}, expected {[e[tuple(i)].item() for i in where]}")
+
+
+def run_on_both_page_tables(request, monkeypatch) -> str:
+    """Body of an autouse fixture parametrised over ``["cpp", "python"]`` that runs a
+    test's engines on that page-table backend (``RuntimeConfig.page_table="auto"``
+    follows the LRAG_PAGE_TABLE environment variable); skips "cpp" when the extension
+    is not built."""
+    import pytest
+
+    from .memory import _ext
+    from .memory.page_table import ENV_VAR
+    if request.param == "cpp" and not _ext.extension_available():
+        pytest.skip(f"the C++ page table is not built: {_ext.missing_reason()}")
+    monkeypatch.setenv(ENV_VAR, request.param)
+    return request.param

@@ -1,6 +1,7 @@
 #include "paged_memory.h"
 
 #include <algorithm>
+#include <limits>
 #include <unordered_set>
 
 namespace lrag {
@@ -175,6 +176,49 @@ CopyPlan PagedMemory::append(const std::vector<int64_t>& streams, int64_t frames
   return plan;
 }
 
+std::vector<int32_t> PagedMemory::place(const std::vector<int64_t>& streams, int64_t frames) {
+  if (frames < 0) throw std::invalid_argument("place: frames must be >= 0, got " + std::to_string(frames));
+  std::unordered_set<int64_t> seen;
+  for (int64_t s : streams) {
+    stream_ref(s, "place");
+    if (!seen.insert(s).second) throw std::invalid_argument("place: " + stream_name(s) + " listed twice");
+  }
+  const int64_t available = free_pages();
+  const int64_t per_stream = static_cast<int64_t>(streams.size()) * num_layers_;
+  // Compared by division first: streams * frames * layers may not fit in int64.
+  if (per_stream > 0 && frames > available / per_stream) {
+    const std::string needed = frames <= std::numeric_limits<int64_t>::max() / per_stream
+                                   ? std::to_string(per_stream * frames)
+                                   : std::to_string(streams.size()) + " x " + std::to_string(frames) + " x " +
+                                         std::to_string(num_layers_);
+    throw CapacityError("place: " + needed + " new pages but only " + std::to_string(available) + " free (GPU " +
+                        std::to_string(gpu_.capacity()) + " + host " + std::to_string(host_.capacity()) + " slots, " +
+                        std::to_string(pages_alloc_.used()) + " in use)");
+  }
+  std::vector<int32_t> where;
+  where.reserve(static_cast<size_t>(per_stream * frames));
+  for (int64_t s : streams) {
+    Stream& st = streams_.at(s);
+    for (int64_t i = 0; i < frames * num_layers_; ++i) {
+      const int32_t p = pages_alloc_.allocate();
+      PageInfo& info = pages_[p];
+      info.refcount = 1;
+      if (gpu_.available() > 0) {
+        info.tier = Tier::kGpu;
+        info.slot = gpu_.allocate();
+        lru_push_back(p);
+        where.push_back(info.slot);
+      } else {
+        info.tier = Tier::kHost;
+        info.slot = host_.allocate();
+        where.push_back(-1 - info.slot);
+      }
+      st.pages.push_back(p);
+    }
+  }
+  return where;
+}
+
 void PagedMemory::check_frames(const std::vector<int64_t>& streams, const std::vector<int64_t>& frames,
                                const char* op) const {
   if (streams.size() != frames.size()) {
@@ -307,6 +351,22 @@ int32_t PagedMemory::page(int64_t stream, int64_t frame, int32_t layer) const {
                             std::to_string(num_layers_) + ")");
   }
   return st.pages[static_cast<size_t>(frame * num_layers_ + layer)];
+}
+
+std::vector<int32_t> PagedMemory::locations(int64_t stream, int64_t frame) const {
+  const Stream& st = stream_ref(stream, "locations");
+  const int64_t n = static_cast<int64_t>(st.pages.size()) / num_layers_;
+  if (frame < 0 || frame >= n) {
+    throw std::out_of_range("locations: frame " + std::to_string(frame) + " of " + stream_name(stream) +
+                            " out of range [0, " + std::to_string(n) + ")");
+  }
+  std::vector<int32_t> where;
+  where.reserve(static_cast<size_t>(num_layers_));
+  for (int32_t l = 0; l < num_layers_; ++l) {
+    const PageInfo& info = pages_[st.pages[static_cast<size_t>(frame * num_layers_ + l)]];
+    where.push_back(info.tier == Tier::kGpu ? info.slot : -1 - info.slot);
+  }
+  return where;
 }
 
 Tier PagedMemory::tier(int32_t page) const {

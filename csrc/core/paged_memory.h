@@ -77,6 +77,14 @@ class PagedMemory {
   // do not fit.
   CopyPlan append(const std::vector<int64_t>& streams, int64_t frames);
 
+  // Appends `frames` new frames to every stream in `streams` (distinct ids) WITHOUT any
+  // migration: each new page takes a free GPU slot when there is one, else a free host
+  // slot; no page ever changes tier. GPU-placed pages become most recently used. Returns
+  // the location of each new page (order stream, frame, layer): GPU slot s as s (>= 0),
+  // host slot h as -1 - h. Throws CapacityError before modifying anything when the pages
+  // do not fit in both tiers together.
+  std::vector<int32_t> place(const std::vector<int64_t>& streams, int64_t frames);
+
   // Makes all layers of frames (streams[i], frames[i]) GPU-resident and most recently
   // used, evicting the least recently used other pages to the host tier.
   CopyPlan prefetch(const std::vector<int64_t>& streams, const std::vector<int64_t>& frames);
@@ -97,6 +105,8 @@ class PagedMemory {
 
   // Lookups.
   int32_t page(int64_t stream, int64_t frame, int32_t layer) const;
+  // Location of each layer's page of (stream, frame), encoded as place() returns it.
+  std::vector<int32_t> locations(int64_t stream, int64_t frame) const;
   Tier tier(int32_t page) const;
   int32_t slot(int32_t page) const;
   int32_t refcount(int32_t page) const;

@@ -1,9 +1,12 @@
 // Randomised self-test of csrc/core for sanitizer builds (ASan + UBSan): runs random
-// sequences of append / prefetch / touch / fork / free / drop / grow against a model,
+// sequences of append / place / prefetch / touch / fork / free / drop / grow against a model,
 // executes every copy plan on simulated tiers and checks placement, contents and the
-// invariants after each step. Exit code 0 on success; prints the first failure.
+// invariants after each step, after hand-made place/locations cases with exact expected
+// locations. Exit code 0 on success; prints the first failure.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <random>
 #include <stdexcept>
@@ -75,7 +78,7 @@ void run(uint32_t seed, int steps) {
     std::vector<int64_t> ids;
     for (const auto& kv : model) ids.push_back(kv.first);
     const int64_t s = ids[pick(static_cast<int64_t>(ids.size()))];
-    switch (pick(8)) {
+    switch (pick(9)) {
       case 0:
       case 1: {  // append
         const int64_t frames = 1 + pick(2);
@@ -117,6 +120,36 @@ void run(uint32_t seed, int steps) {
         model[s].erase(model[s].begin(), model[s].begin() + count * layers);
         break;
       }
+      case 8: {  // place: no migration, GPU slots first, then host slots
+        const int64_t frames = 1 + pick(2);
+        const auto before = mem.usage();
+        if (frames * layers > mem.free_pages()) {
+          expect_throw<lrag::CapacityError>([&] { mem.place({s}, frames); }, "place over capacity");
+          const auto after = mem.usage();
+          require(after.pages_used == before.pages_used && after.gpu_used == before.gpu_used &&
+                      after.host_used == before.host_used,
+                  "failed place changed the usage");
+          break;
+        }
+        const int64_t old_frames = mem.num_frames(s);
+        const std::vector<int32_t> where = mem.place({s}, frames);
+        require(static_cast<int64_t>(where.size()) == frames * layers, "place returned the wrong count");
+        const int64_t gpu_free = before.gpu_capacity - before.gpu_used;
+        for (size_t i = 0; i < where.size(); ++i) {
+          require((where[i] >= 0) == (static_cast<int64_t>(i) < gpu_free), "place did not fill the GPU tier first");
+          const int32_t loc = where[i];
+          (loc >= 0 ? sim.gpu.at(loc) : sim.host.at(-1 - loc)) = next_tag;
+          model[s].push_back(next_tag++);
+        }
+        const auto after = mem.usage();
+        require(after.gpu_used - before.gpu_used + after.host_used - before.host_used == frames * layers,
+                "place moved pages between tiers");
+        for (int64_t f = 0; f < frames; ++f) {
+          const std::vector<int32_t> got = mem.locations(s, old_frames + f);
+          require(std::equal(got.begin(), got.end(), where.begin() + f * layers), "locations disagree with place");
+        }
+        break;
+      }
       case 7: {  // grow, or probe the error paths
         if (pick(4) == 0) {
           gpu_slots += layers;
@@ -129,6 +162,11 @@ void run(uint32_t seed, int steps) {
         expect_throw<std::out_of_range>([&] { mem.page(s, mem.num_frames(s), 0); }, "frame past the end");
         expect_throw<std::out_of_range>([&] { mem.prefetch({s}, {-1}); }, "negative frame");
         expect_throw<std::invalid_argument>([&] { mem.grow(gpu_slots - 1, host_slots); }, "shrinking");
+        expect_throw<std::invalid_argument>([&] { mem.place({1000000}, 1); }, "place to an unknown stream");
+        expect_throw<std::invalid_argument>([&] { mem.place({s, s}, 1); }, "place to a stream listed twice");
+        expect_throw<std::invalid_argument>([&] { mem.place({s}, -1); }, "place of negative frames");
+        expect_throw<std::out_of_range>([&] { mem.locations(s, mem.num_frames(s)); }, "locations past the end");
+        expect_throw<std::invalid_argument>([&] { mem.locations(1000000, 0); }, "locations of an unknown stream");
         break;
       }
     }
@@ -140,11 +178,51 @@ void run(uint32_t seed, int steps) {
   mem.check_invariants();
 }
 
+// Hand-made cases of place/locations with exact expected locations.
+void place_cases() {
+  using V = std::vector<int32_t>;
+  PagedMemory mem(2, 3, 4);  // 2 layers, GPU slots 0..2, host slots 0..3
+  const int64_t a = mem.create_stream(), b = mem.create_stream();
+  require(mem.place({a}, 0).empty(), "place of 0 frames returns nothing");
+  // GPU first (lowest slot first), then host slots encoded as -1 - h.
+  require(mem.place({a, b}, 1) == V({0, 1, 2, -1}), "place fills GPU slots then host slots");
+  require(mem.locations(a, 0) == V({0, 1}) && mem.locations(b, 0) == V({2, -1}), "locations after place");
+  mem.check_invariants();
+  // 3 free host slots: 2 streams x 1 frame x 2 layers = 4 pages do not fit; nothing changes.
+  expect_throw<lrag::CapacityError>([&] { mem.place({a, b}, 1); }, "place over capacity");
+  require(mem.usage().pages_used == 4 && mem.num_frames(a) == 1 && mem.num_frames(b) == 1,
+          "failed place changed the state");
+  expect_throw<lrag::CapacityError>([&] { mem.place({a, b}, std::numeric_limits<int64_t>::max()); },
+                                    "place of an int64-overflowing page count");
+  // Freed slots are reused last-freed first; pages never move tier.
+  mem.drop_oldest({a}, 1);  // frees GPU 0 then GPU 1: GPU 1 is handed out next
+  require(mem.place({a}, 1) == V({1, 0}), "freed GPU slots reused LIFO");
+  require(mem.place({b}, 1) == V({-2, -3}), "host slots once the GPU tier is full");
+  require(mem.locations(b, 1) == V({-2, -3}) && mem.locations(b, 0) == V({2, -1}), "no page moved tier");
+  mem.check_invariants();
+  mem.grow(4, 4);  // new GPU slot 3 comes first
+  mem.free_stream(a);  // GPU 1, GPU 0 released: stack 3, 1, 0 -> 0 is next, then 1, then 3
+  require(mem.place({b}, 2) == V({0, 1, 3, -4}), "after grow and free");
+  mem.check_invariants();
+  expect_throw<std::out_of_range>([&] { mem.locations(b, 4); }, "locations past the end");
+  expect_throw<std::out_of_range>([&] { mem.locations(b, -1); }, "locations of a negative frame");
+  mem.free_stream(b);
+  const auto u = mem.usage();
+  require(u.pages_used == 0 && u.gpu_used == 0 && u.host_used == 0, "pages leaked by place");
+  mem.check_invariants();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const int seeds = argc > 1 ? std::atoi(argv[1]) : 200;
   const int steps = argc > 2 ? std::atoi(argv[2]) : 200;
+  try {
+    place_cases();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "place cases: %s\n", e.what());
+    return 1;
+  }
   for (int seed = 0; seed < seeds; ++seed) {
     try {
       run(static_cast<uint32_t>(seed), steps);

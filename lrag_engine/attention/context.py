@@ -1,7 +1,7 @@
 """The per-layer attention context ``[sink | retrieved | local | block]`` and the
 self-attention callable a backbone invokes for every layer of every forward.
 
-The context buffer is allocated once per session at its largest size (W frames);
+The context buffer is allocated once per engine and batch size at its largest size (W frames);
 ``splice`` fills everything but the block once per block, and each forward writes
 only the block's own rotated K and V at the tail. So retrieved K/V are gathered once
 per block, not again for each layer's denoising steps, and no forward copies the cache.
@@ -34,7 +34,9 @@ class BlockAttention:
 
     q, k, v [B, F*N, H, D] with q, k normed and un-rotated. The block's K/V go to the
     context tail (rotated K); when ``window_k`` is given (the recache pass), the
-    un-rotated K and V are also stored into the block's window slots.
+    un-rotated K and V are also stored into the block's window slots, or, with
+    ``stage_k`` (a recache pass that static forwards share), into that staging area
+    ``[L, B, F*N, H, D]``.
     """
 
     context: ContextBuffer
@@ -46,6 +48,8 @@ class BlockAttention:
     window_v: torch.Tensor | None = None
     block_slots: torch.Tensor | None = None  # [F] int64 slots of the block
     refetch: Callable[[int], None] | None = None  # baseline: reload retrieved K/V per layer
+    stage_k: torch.Tensor | None = None     # [L, B, F*N, H, D]
+    stage_v: torch.Tensor | None = None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.refetch is not None:
@@ -61,6 +65,9 @@ class BlockAttention:
             frames = self.block_slots.shape[0]
             self.window_k[layer].index_copy_(1, self.block_slots, k.reshape(b, frames, -1, h, d))
             self.window_v[layer].index_copy_(1, self.block_slots, v.reshape(b, frames, -1, h, d))
+        if self.stage_k is not None:
+            self.stage_k[layer].copy_(k)
+            self.stage_v[layer].copy_(v)
         q_rot = apply_rope_ref(q, self.block_cos, self.block_sin)
         return self.attend(q_rot, ctx_k[:, :end], ctx_v[:, :end])
 

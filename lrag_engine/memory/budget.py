@@ -17,6 +17,11 @@ import torch
 from ..config import MemoryConfig
 
 
+def page_bytes(tokens_per_frame: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K+V bytes of one page: one frame of one layer of one stream."""
+    return 2 * tokens_per_frame * num_heads * head_dim * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class HistoryBudget:
     """Sizes of the history of one batch of streams.
@@ -27,6 +32,9 @@ class HistoryBudget:
         host tier.
     host_bytes: pinned host tier budget (None: no host tier).
     capacity_frames: frames kept before the overflow policy acts (None: unbounded).
+    host_only: the whole history lives in host memory (the per-forward baseline).
+    chunk_pages: pages per chunk of the page pool (``memory.page_chunk_bytes``, at
+        least one page).
     """
 
     page_bytes: int
@@ -34,6 +42,8 @@ class HistoryBudget:
     gpu_bytes: int | None
     host_bytes: int | None
     capacity_frames: int | None
+    host_only: bool = False
+    chunk_pages: int = 1
 
     @property
     def frame_bytes(self) -> int:
@@ -50,20 +60,31 @@ class HistoryBudget:
         """Budgets of ``memory`` at these shapes. ``host_only``: the whole history lives in
         host memory under ``host_budget_bytes`` with no device pool (the per-forward
         refetch baseline)."""
-        page_bytes = 2 * tokens_per_frame * num_heads * head_dim * dtype.itemsize
+        page = page_bytes(tokens_per_frame, num_heads, head_dim, dtype)
         per_frame = num_layers * batch
         host = memory.host_budget_bytes
         if host_only:
             gpu, host = host, None
         elif memory.history_tier == "host":
-            gpu = (memory.top_k + memory.frames_per_block) * per_frame * page_bytes
+            gpu = (memory.top_k + memory.frames_per_block) * per_frame * page
         else:
             gpu = memory.gpu_budget_bytes
         if gpu is None:
             capacity = None
         else:
-            capacity = (gpu // page_bytes + (host or 0) // page_bytes) // per_frame
-        return cls(page_bytes, per_frame, gpu, host, capacity)
+            capacity = (gpu // page + (host or 0) // page) // per_frame
+        chunk_pages = max(1, memory.page_chunk_bytes // page)
+        return cls(page, per_frame, gpu, host, capacity, host_only, chunk_pages)
+
+    def pool_pages(self) -> tuple[int | None, int | None]:
+        """Page budgets of the device and host tiers of a page pool (None: grows
+        without bound; 0: no such tier). A host-only history (the per-forward baseline)
+        has no device tier: its budget (``gpu_bytes`` here) is the host tier's."""
+        if self.host_only:
+            return 0, None if self.gpu_bytes is None else self.gpu_bytes // self.page_bytes
+        gpu = None if self.gpu_bytes is None else self.gpu_bytes // self.page_bytes
+        host = 0 if self.host_bytes is None else self.host_bytes // self.page_bytes
+        return gpu, host
 
     def describe(self) -> str:
         held = "unbounded" if self.capacity_frames is None else f"{self.capacity_frames} frames"

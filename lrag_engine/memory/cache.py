@@ -1,14 +1,17 @@
-"""RetrievalCache: window + history + retrieval + context for one batch of streams.
+"""RetrievalCache: window + history + retrieval + context for one session (one stream
+or a lockstep batch of streams).
 
 This is the seam another AR backbone uses to get LongLive-RAG memory:
 
     cache = RetrievalCache(...)
     for each block:
         log = cache.begin_block(frames)                 # search, evict, splice
-        for each forward: out = backbone(x, attn=cache.attention(recache=...))
+        for each denoising forward: backbone(x, attn=cache.attention(recache=False))
         cache.end_block(clean_frames)                   # descriptors of the new frames
+        backbone(clean, attn=cache.attention(recache=True)); cache.finish_recache()
         cache.start_retrieval()                         # optional: search for the next
                                                         # block now, on a side stream
+    cache.close()                                       # pages back to the pool
 
 ``attention(...)`` returns a callable ``(layer, q, k, v) -> out`` with q, k, v
 ``[B, F*N, H, D]`` (q, k un-rotated); RoPE positions are the cache's business.
@@ -27,8 +30,7 @@ from ..ops.rope import RopeTables, apply_rope_ref
 from ..ops.splice import splice
 from ..runtime.transfer import index_tensor
 from .budget import HistoryBudget
-from .history import HistoryStore
-from .paged import PagedHistoryStore, make_history_store
+from .history import HistoryStore, PagePool
 from .retrieval import BlockLog, Descriptor, RetrievalResult, make_log, retrieve
 from .window import BlockPlacement, WindowCache
 
@@ -45,12 +47,75 @@ class _Layout:
     block_positions: tuple[int, ...]
 
 
+class Workspace:
+    """What the forwards of one block read and write, shared by every session of one
+    batch size on an engine: the context K/V ``[sink | retrieved | local | block]``, the
+    block RoPE tables by position, and for static (graph) forwards the text K/V and a
+    staging area for the recache pass's un-rotated block K/V.
+
+    Each block rewrites the whole context before its first forward (the splice), so
+    sessions can take turns block by block; ``owner`` tells whose text K/V is loaded.
+    """
+
+    def __init__(self, num_layers: int, batch: int, window: int, tokens_per_frame: int, num_heads: int,
+                 head_dim: int, frames_per_block: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.batch = batch
+        self.device = torch.device(device)
+        self.context = ContextBuffer(num_layers, batch, window, tokens_per_frame, num_heads=num_heads,
+                                     head_dim=head_dim, dtype=dtype, device=device)
+        self._stage_shape = (num_layers, batch, frames_per_block * tokens_per_frame, num_heads, head_dim)
+        self.stage_k: torch.Tensor | None = None
+        self.stage_v: torch.Tensor | None = None
+        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.owner: object | None = None
+        self._rope: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, tables: RopeTables, positions: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [F*N, D/2] of a block at ``positions`` (built once per positions)."""
+        if positions not in self._rope:
+            self._rope[positions] = block_rope(tables, list(positions), self.device)
+        return self._rope[positions]
+
+    def load_text(self, owner: object, cross_kv) -> None:
+        """Static forwards read the text K/V from here: copy ``owner``'s in unless it is
+        already loaded."""
+        if self.cross_kv is None:
+            self.cross_kv = [(k.clone(), v.clone()) for k, v in cross_kv]
+            self.stage_k = torch.empty(self._stage_shape, dtype=self.context.k.dtype, device=self.device)
+            self.stage_v = torch.empty_like(self.stage_k)
+        elif self.owner is not owner:
+            for (dk, dv), (k, v) in zip(self.cross_kv, cross_kv):
+                dk.copy_(k)
+                dv.copy_(v)
+        self.owner = owner
+
+
+def make_page_pool(memory: MemoryConfig, num_layers: int, batch: int, tokens_per_frame: int, num_heads: int,
+                   head_dim: int, dtype: torch.dtype, device: torch.device | str, host_only: bool = False,
+                   table: str = "auto") -> PagePool:
+    """A page pool sized by ``memory``'s budgets (see :class:`HistoryBudget`)."""
+    budget = HistoryBudget.plan(memory, num_layers, batch, tokens_per_frame, num_heads, head_dim, dtype,
+                                host_only=host_only)
+    gpu_pages, host_pages = budget.pool_pages()
+    return PagePool(num_layers, tokens_per_frame, num_heads, head_dim, dtype, device, gpu_pages=gpu_pages,
+                    host_pages=host_pages, chunk_pages=budget.chunk_pages, table=table)
+
+
 class RetrievalCache:
+    """Window + history + retrieval + context of one session (one stream or a lockstep
+    batch of streams).
+
+    pool: the page pool the history takes its pages from (default: a pool of its own,
+        sized by ``memory``'s budgets); workspace: the context buffer it splices into
+        (default: its own).
+    """
+
     def __init__(self, memory: MemoryConfig, num_layers: int, batch: int, tokens_per_frame: int,
                  num_heads: int, head_dim: int, descriptor: Descriptor, tables: RopeTables,
                  attend: AttendFn, dtype: torch.dtype, device: torch.device | str,
                  kernels: str = "auto", history: HistoryStore | None = None,
-                 refetch_per_forward: bool = False) -> None:
+                 refetch_per_forward: bool = False, pool: PagePool | None = None,
+                 workspace: Workspace | None = None, page_table: str = "auto") -> None:
         self.memory = memory
         self.batch = batch
         self.descriptor = descriptor
@@ -61,41 +126,30 @@ class RetrievalCache:
         dims = dict(num_heads=num_heads, head_dim=head_dim, dtype=dtype)
         self.window = WindowCache(num_layers, batch, memory.window, memory.sink, tokens_per_frame,
                                   descriptor_dim=descriptor.dim, device=device, **dims)
-        self.history = history if history is not None else self._make_history(
-            num_layers, tokens_per_frame, refetch_per_forward, dims)
-        self.context = ContextBuffer(num_layers, batch, memory.window, tokens_per_frame, device=device, **dims)
+        if history is None:
+            if pool is None:
+                pool = make_page_pool(memory, num_layers, batch, tokens_per_frame, device=device,
+                                      host_only=refetch_per_forward, table=page_table, **dims)
+            history = HistoryStore(pool, batch, descriptor.dim, overflow_policy=memory.overflow_policy)
+        self.history = history
+        self.workspace = workspace or Workspace(num_layers, batch, memory.window, tokens_per_frame,
+                                                frames_per_block=memory.frames_per_block, device=device, **dims)
+        self.context = self.workspace.context
         self.refetch_per_forward = refetch_per_forward
         self.query: torch.Tensor | None = None          # [B, Dd] descriptor of the newest frame
         self.block_index = 0
         self.signature: tuple = ()
         self._placement: BlockPlacement | None = None
         self._context_frames = 0
-        # Persistent device buffers, updated in place, so that captured graphs see them.
+        # Persistent device buffers, updated in place.
         self.block_slots = torch.zeros(memory.frames_per_block, dtype=torch.int64, device=self.device)
-        self._rope: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._refetch: tuple[torch.Tensor, int] | None = None
+        self._refetch: list | None = None
+        self._refetch_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._staged = False
         self._pending: tuple[RetrievalResult, torch.cuda.Event | None] | None = None
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._descriptors_ready = torch.cuda.Event() if self._side_stream is not None else None
-
-    def _make_history(self, num_layers: int, tokens_per_frame: int, refetch_per_forward: bool,
-                      dims: dict) -> HistoryStore | PagedHistoryStore:
-        mem = self.memory
-        budget = HistoryBudget.plan(mem, num_layers, self.batch, tokens_per_frame, dims["num_heads"],
-                                    dims["head_dim"], dims["dtype"], host_only=refetch_per_forward)
-        common = dict(num_layers=num_layers, batch=self.batch, tokens_per_frame=tokens_per_frame,
-                      descriptor_dim=self.descriptor.dim, overflow_policy=mem.overflow_policy,
-                      gpu_budget_bytes=budget.gpu_bytes, **dims)
-        if refetch_per_forward:
-            # The baseline keeps the history in host memory, like the public reference it
-            # reproduces, and reads it again in every forward.
-            return HistoryStore(device="cpu", **common)
-        # history_tier="host": every history frame lives in the pinned host tier; the
-        # device pool (gpu_bytes) only stages the frames retrieved for a block and the
-        # frames being evicted.
-        kind = "paged" if mem.history_tier == "host" else "auto"
-        return make_history_store(kind, device=self.device, host_budget_bytes=budget.host_bytes, **common)
 
     # ------------------------------------------------------------------ retrieval
     def _search(self) -> RetrievalResult:
@@ -109,7 +163,7 @@ class RetrievalCache:
         if result.count:
             # Resolving pages makes them resident (a host-tier prefetch), here on the side
             # stream when called from start_retrieval.
-            result.pages = self.history.page_ids(result.index.to(self.history.pool_k.device))
+            result.pages = self.history.page_ids(result.index)
         return result
 
     def start_retrieval(self) -> None:
@@ -127,12 +181,17 @@ class RetrievalCache:
             done.record(self._side_stream)
         self._pending = (result, done)
 
-    def close(self) -> None:
+    def settle(self) -> None:
         """Make the compute stream wait for a search still queued on the side stream, so
         the memory it uses is not handed out again while it runs."""
         if self._pending is not None and self._pending[1] is not None:
             torch.cuda.current_stream(self.device).wait_event(self._pending[1])
         self._pending = None
+
+    def close(self) -> None:
+        """Settle the side stream and give the history's pages back to the pool."""
+        self.settle()
+        self.history.close()
 
     # ------------------------------------------------------------------ block start
     def begin_block(self, frames: int) -> Callable[[], BlockLog]:
@@ -165,8 +224,10 @@ class RetrievalCache:
         self._splice_retrieved(layout, result)
         # Native mode (top_k = 0) never reads the history: evicted frames are dropped.
         if placement.evicted and self.memory.top_k > 0:
-            k, v, desc = self.window.gather(placement.evicted)
-            self.history.append(k, v, desc)   # may raise before the window changes
+            slots = [f.slot for f in placement.evicted]
+            desc = self.window.descriptors.index_select(1, index_tensor(slots, self.device))
+            # may raise before the window changes
+            self.history.append_window(self.window.k, self.window.v, slots, desc)
         self.window.commit(placement)
         self._placement = placement
         self._splice_window(layout, placement)
@@ -193,11 +254,22 @@ class RetrievalCache:
         if not layout.retrieved:
             return
         if self.refetch_per_forward:
-            self._refetch = (result.pages, layout.sinks)
+            # The baseline reads the retrieved pages again in every forward, frame by frame
+            # and layer by layer, like the public reference; it learns their places once
+            # per block (a host read, as the reference's Python does).
+            pool = self.history.pool
+            addresses = result.pages.cpu().tolist()     # [L][B][r]
+            if self._refetch_rope is None:
+                cos, sin = self.tables.frame_cos_sin(torch.zeros((), dtype=torch.int64))
+                self._refetch_rope = (cos.to(self.device), sin.to(self.device))
+            self._refetch = [[[(frame_offset, *divmod(a, pool.chunk_pages)) for frame_offset, a in
+                               enumerate(row, start=layout.sinks) if a >= 0] for row in per_layer]
+                             for per_layer in addresses]
             return
         zeros = torch.zeros(layout.retrieved, dtype=torch.int64, device=self.device)
-        splice(self.history.pool_k, self.history.pool_v, result.pages, zeros, self.tables,
-               self.context.k, self.context.v, frame_offset=layout.sinks, mode=self.kernels)
+        pool = self.history.pool
+        splice(pool.k_chunks, pool.v_chunks, result.pages, zeros, self.tables, self.context.k, self.context.v,
+               frame_offset=layout.sinks, mode=self.kernels, chunk_pages=pool.chunk_pages)
 
     def _splice_window(self, layout: _Layout, placement: BlockPlacement) -> None:
         self._context_frames = layout.sinks + layout.retrieved + layout.local + len(placement.block)
@@ -207,34 +279,52 @@ class RetrievalCache:
             splice(pool_k, pool_v, self.window.page_ids(layout.slots), index_tensor(layout.positions, self.device),
                    self.tables, self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
         self.block_slots.copy_(index_tensor([f.slot for f in placement.block], self.device))
-        if layout.block_positions not in self._rope:
-            self._rope[layout.block_positions] = block_rope(self.tables, list(layout.block_positions), self.device)
-        self._block_rope = self._rope[layout.block_positions]
+        self._block_rope = self.workspace.rope(self.tables, layout.block_positions)
 
     def _refetch_layer(self, layer: int) -> None:
-        """Baseline: bring this layer's retrieved K/V from host memory into the context."""
-        pages, offset = self._refetch
-        n = self.context.tokens_per_frame
-        b, r = pages.shape[1:]
-        k = self.history.pool_k[pages[layer].flatten()].to(self.device, non_blocking=True)
-        v = self.history.pool_v[pages[layer].flatten()].to(self.device, non_blocking=True)
-        cos, sin = self.tables.frame_cos_sin(torch.zeros(1, dtype=torch.int64))
-        span = slice(offset * n, (offset + r) * n)
-        self.context.k[layer][:, span] = apply_rope_ref(k, cos, sin).view(b, r * n, *k.shape[2:])
-        self.context.v[layer][:, span] = v.view(b, r * n, *v.shape[2:])
+        """Baseline: copy this layer's retrieved K/V from the host pages into the context,
+        one frame at a time (asynchronous from pinned memory on CUDA), rotating each K at
+        temporal position 0 on the device."""
+        pool, n = self.history.pool, self.context.tokens_per_frame
+        ctx_k, ctx_v = self.context.k[layer], self.context.v[layer]
+        cos, sin = self._refetch_rope
+        for b, frames in enumerate(self._refetch[layer]):
+            for frame, chunk, row in frames:
+                span = slice(frame * n, (frame + 1) * n)
+                ctx_k[b, span].copy_(pool.k_chunks[chunk][row], non_blocking=True)
+                ctx_v[b, span].copy_(pool.v_chunks[chunk][row], non_blocking=True)
+                ctx_k[b, span] = apply_rope_ref(ctx_k[b, span], cos, sin)
 
     # ------------------------------------------------------------------ forwards
-    def attention(self, recache: bool) -> BlockAttention:
+    def attention(self, recache: bool, static: bool = False) -> BlockAttention:
         """The self-attention callable for one forward of the current block; the recache
-        pass (``recache=True``) also stores the block's K/V into the window."""
+        pass (``recache=True``) also stores the block's un-rotated K/V into the window
+        (``static``: into the workspace's staging area, which :meth:`finish_recache` then
+        copies into the window; what a static forward shared by sessions can address)."""
         if self._placement is None:
             raise RuntimeError("RetrievalCache.attention called before begin_block")
         cos, sin = self._block_rope
+        refetch = self._refetch_layer if self._refetch is not None else None
+        if static and refetch is not None:
+            raise ValueError("RetrievalCache.attention: static forwards cannot refetch per forward")
+        self._staged = recache and static
+        if recache and static:
+            ws = self.workspace
+            return BlockAttention(self.context, self._context_frames, cos, sin, self.attend,
+                                  stage_k=ws.stage_k, stage_v=ws.stage_v)
         window = dict(window_k=self.window.k, window_v=self.window.v, block_slots=self.block_slots) \
             if recache else {}
-        refetch = self._refetch_layer if self._refetch is not None else None
         return BlockAttention(self.context, self._context_frames, cos, sin, self.attend, refetch=refetch,
                               **window)
+
+    def finish_recache(self) -> None:
+        """After the recache forward: move staged block K/V into the window's slots."""
+        if not self._staged:
+            return
+        self._staged = False
+        frames = self.block_slots.shape[0]
+        for stage, window in ((self.workspace.stage_k, self.window.k), (self.workspace.stage_v, self.window.v)):
+            window.index_copy_(2, self.block_slots, stage.unflatten(2, (frames, -1)))
 
     # ------------------------------------------------------------------ block end
     def end_block(self, clean: torch.Tensor) -> None:

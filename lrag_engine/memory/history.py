@@ -1,23 +1,40 @@
-"""History store: every evicted frame's K/V (all layers) and descriptor, per stream.
+"""The history: every evicted frame's K/V (all layers) and descriptor, per stream.
 
-Storage is a page pool ``[P, N, H, D]`` for K and one for V; a page holds one frame
-of one layer of one stream. This module is the facade the engine talks to; the
-paged C++ store (``memory/paged.py``) offers the same methods.
+Two objects:
 
-Methods the engine relies on:
-    append(k, v, descriptors)   evicted frames, oldest first, all streams at once
-    num_frames                  frames held per stream (equal across streams)
-    descriptors(), descriptor_norms()
-    page_ids(frame_ids)         device page ids [L, B, K] for the splice, -1 kept
-    pool_k, pool_v              page pools read by the splice
+``PagePool`` (one per engine, shared by its sessions) stores pages: a page is the
+``[N, H, D]`` K (and V) of one frame of one layer of one stream. Pages live in chunks
+of ``chunk_pages`` pages, on the device first and, past the device budget, in pinned
+host memory; a tier grows one chunk at a time up to its budget and existing chunks
+are never copied or moved. Which page sits where is the business of a page-table
+backend (:mod:`lrag_engine.memory.page_table`: the C++ ``PagedMemory`` when the
+extension is built, a pure-Python table otherwise). A page's *address* is
+``chunk * chunk_pages + row`` in the pool's chunk list, which is what the splice reads
+(host chunks in place, over UVA on CUDA).
+
+``HistoryStore`` (one per session) owns its streams' pages in the pool, their
+descriptors and norms, the page address of every held frame (a device ring, updated
+incrementally on append and drop), accounting and the overflow policy. Appending a
+frame copies its K/V once, from the window straight into its pages; finding the pages
+of retrieved frames is a device gather; nothing in a block waits for the device.
 """
 from __future__ import annotations
 
+import bisect
 import warnings
+from typing import Callable
 
 import torch
 
+from ..ops.splice import read_pages
+from ..runtime.transfer import index_tensor
+from .budget import page_bytes
 from .descriptors import DescriptorRing
+from .page_table import CapacityError, make_page_table
+
+OVERFLOW_POLICIES = ("error", "drop_oldest")
+# Default bytes of one pool chunk (K and V pages together).
+DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 
 
 class HistoryFullError(RuntimeError):
@@ -32,111 +49,305 @@ def warn_dropping(held: int, frame_bytes: int, stacklevel: int) -> None:
                   stacklevel=stacklevel + 1)
 
 
-def check_append_args(store, k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> int:
+class PagePool:
+    """Page storage shared by the history stores of one engine.
+
+    gpu_pages / host_pages: most pages each tier may hold (None: the tier grows without
+        bound; 0: no such tier). Chunks are allocated when needed, device first.
+    chunk_pages: pages per chunk (the last chunk of a bounded tier may be smaller).
+    table: page-table backend, "auto" | "cpp" | "python".
+    """
+
+    def __init__(self, num_layers: int, tokens_per_frame: int, num_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, gpu_pages: int | None = None,
+                 host_pages: int | None = 0, chunk_pages: int | None = None, table: str = "auto") -> None:
+        for name, value in (("num_layers", num_layers), ("tokens_per_frame", tokens_per_frame),
+                            ("num_heads", num_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PagePool.{name} must be an integer >= 1, got {value!r}")
+        for name, value in (("gpu_pages", gpu_pages), ("host_pages", host_pages)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"PagePool.{name} must be None or an integer >= 0, got {value!r}")
+        self.num_layers = num_layers
+        self.page_shape = (tokens_per_frame, num_heads, head_dim)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.page_bytes = page_bytes(tokens_per_frame, num_heads, head_dim, dtype)   # K + V
+        if chunk_pages is None:
+            chunk_pages = max(1, DEFAULT_CHUNK_BYTES // self.page_bytes)
+        if isinstance(chunk_pages, bool) or not isinstance(chunk_pages, int) or chunk_pages < 1:
+            raise ValueError(f"PagePool.chunk_pages must be an integer >= 1, got {chunk_pages!r}")
+        self.chunk_pages = chunk_pages
+        self.gpu_cap, self.host_cap = gpu_pages, host_pages
+        self.table = make_page_table(table, num_layers, 0, 0)
+        self.k_chunks: list[torch.Tensor] = []
+        self.v_chunks: list[torch.Tensor] = []
+        self._chunk_ids = {"gpu": [], "host": []}   # pool chunk index of each tier's chunks
+        self._chunk_starts = {"gpu": [], "host": []}  # tier slot of each chunk's first row
+        self._slots = {"gpu": 0, "host": 0}          # slots allocated per tier
+        self.sessions = 0
+
+    @property
+    def backend(self) -> str:
+        return self.table.kind
+
+    # ---- capacity -----------------------------------------------------------------------
+
+    def _headroom(self, tier: str) -> int | None:
+        cap = self.gpu_cap if tier == "gpu" else self.host_cap
+        return None if cap is None else cap - self._slots[tier]
+
+    def free_pages(self) -> int | None:
+        """Pages that can still be placed, counting chunks not yet allocated (None: unbounded)."""
+        if self.gpu_cap is None or self.host_cap is None:
+            return None
+        return self.table.free_pages() + self._headroom("gpu") + self._headroom("host")
+
+    def raise_gpu_cap(self, pages: int) -> None:
+        """A bounded device tier is raised to at least ``pages`` (the host-tier staging
+        of a session with a larger batch)."""
+        if self.gpu_cap is not None and pages > self.gpu_cap:
+            self.gpu_cap = pages
+
+    def _add_chunk(self, tier: str) -> int:
+        headroom = self._headroom(tier)
+        rows = self.chunk_pages if headroom is None else min(self.chunk_pages, headroom)
+        if tier == "gpu":
+            k = torch.empty(rows, *self.page_shape, dtype=self.dtype, device=self.device)
+            v = torch.empty_like(k)
+        else:
+            pin = self.device.type == "cuda"
+            k = torch.empty(rows, *self.page_shape, dtype=self.dtype, pin_memory=pin)
+            v = torch.empty(rows, *self.page_shape, dtype=self.dtype, pin_memory=pin)
+        self._chunk_ids[tier].append(len(self.k_chunks))
+        self._chunk_starts[tier].append(self._slots[tier])
+        self.k_chunks.append(k)
+        self.v_chunks.append(v)
+        self._slots[tier] += rows
+        self.table.grow(self._slots["gpu"], self._slots["host"])
+        return rows
+
+    def _reserve(self, needed: int) -> None:
+        """Allocates chunks, device first, until ``needed`` pages are free (as far as the
+        budgets allow)."""
+        usage = self.table.usage()
+        free_gpu = usage["gpu_capacity"] - usage["gpu_used"]
+        while free_gpu < needed and self._headroom("gpu") != 0:
+            free_gpu += self._add_chunk("gpu")
+        free_host = usage["host_capacity"] - usage["host_used"]
+        while free_gpu + free_host < needed and self._headroom("host") != 0:
+            free_host += self._add_chunk("host")
+
+    # ---- placement and addresses --------------------------------------------------------
+
+    def place(self, streams: list[int], frames: int) -> list[int]:
+        """Pages for ``frames`` new frames of every stream; their addresses in order
+        (stream, frame, layer). CapacityError when they do not fit."""
+        self._reserve(len(streams) * frames * self.num_layers)
+        return [self.address(loc) for loc in self.table.place(streams, frames)]
+
+    def address(self, location: int) -> int:
+        """Pool address of a page-table location (GPU slot s >= 0, host slot -1 - h)."""
+        tier, slot = ("gpu", location) if location >= 0 else ("host", -1 - location)
+        # A tier's chunks need not all be full (a capped chunk before raise_gpu_cap).
+        starts = self._chunk_starts[tier]
+        chunk = bisect.bisect_right(starts, slot) - 1
+        return self._chunk_ids[tier][chunk] * self.chunk_pages + slot - starts[chunk]
+
+    def is_host(self, address: int) -> bool:
+        return address // self.chunk_pages in self._chunk_ids["host"]
+
+    def write(self, addresses: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes pages ``k[i]``, ``v[i]`` ([n, N, H, D]) at ``addresses[i]``: one copy,
+        one ``index_copy_`` per chunk touched (per page for host chunks of a CUDA pool,
+        asynchronous into pinned memory)."""
+        by_chunk: dict[int, tuple[list[int], list[int]]] = {}
+        for i, address in enumerate(addresses):
+            chunk, row = divmod(address, self.chunk_pages)
+            rows, index = by_chunk.setdefault(chunk, ([], []))
+            rows.append(row)
+            index.append(i)
+        for chunk, (rows, index) in by_chunk.items():
+            dst_k, dst_v = self.k_chunks[chunk], self.v_chunks[chunk]
+            if dst_k.device != k.device:
+                for row, i in zip(rows, index):
+                    dst_k[row].copy_(k[i], non_blocking=True)
+                    dst_v[row].copy_(v[i], non_blocking=True)
+                continue
+            src_k, src_v = k, v
+            if len(index) != k.shape[0]:
+                sel = index_tensor(index, k.device)
+                src_k, src_v = k.index_select(0, sel), v.index_select(0, sel)
+            rows_t = index_tensor(rows, dst_k.device)
+            dst_k.index_copy_(0, rows_t, src_k)
+            dst_v.index_copy_(0, rows_t, src_v)
+
+    def read(self, addresses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of pages ``addresses`` (>= 0), ``[*addresses.shape, N, H, D]`` each, on the
+        pool's device (waits for copies in flight into host chunks: for inspection)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return (read_pages(self.k_chunks, addresses, self.chunk_pages),
+                read_pages(self.v_chunks, addresses, self.chunk_pages))
+
+    def usage(self) -> dict:
+        """Pages and bytes per tier (reserved = chunks allocated), chunks, sessions."""
+        u = self.table.usage()
+        reserved = {tier: sum(self.k_chunks[i].shape[0] for i in ids) for tier, ids in self._chunk_ids.items()}
+        return dict(
+            backend=self.backend, page_bytes=self.page_bytes, chunk_pages=self.chunk_pages,
+            gpu_chunks=len(self._chunk_ids["gpu"]), host_chunks=len(self._chunk_ids["host"]),
+            gpu_pages_used=u["gpu_used"], host_pages_used=u["host_used"],
+            gpu_bytes_used=u["gpu_used"] * self.page_bytes, host_bytes_used=u["host_used"] * self.page_bytes,
+            gpu_bytes_reserved=reserved["gpu"] * self.page_bytes,
+            host_bytes_reserved=reserved["host"] * self.page_bytes,
+            gpu_pages_budget=self.gpu_cap, host_pages_budget=self.host_cap,
+            pages_used=u["pages_used"], streams=u["num_streams"], sessions=self.sessions)
+
+
+def check_append_args(store: "HistoryStore", k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> int:
     """Checks the arguments of ``store.append`` against the store's shapes and returns Fe.
 
-    store: a history store (``num_layers``, ``batch``, ``page_shape`` = (N, H, D),
-    ``descriptor_dim``); k, v: [L, B, Fe, N, H, D]; descriptors: [B, Fe, Dd].
+    k, v: [L, B, Fe, N, H, D]; descriptors: [B, Fe, Dd].
     """
     expected = (store.num_layers, store.batch)
-    if k.shape[:2] != expected or k.shape[3:] != store.page_shape or v.shape != k.shape:
+    if k.dim() != 6 or k.shape[:2] != expected or k.shape[3:] != store.page_shape or v.shape != k.shape:
         raise ValueError(f"history.append: k/v must be [L={expected[0]}, B={expected[1]}, Fe, "
                          f"{', '.join(map(str, store.page_shape))}], got {tuple(k.shape)} / {tuple(v.shape)}")
     fe = k.shape[2]
-    if descriptors.shape[:2] != (store.batch, fe) or descriptors.shape[2] != store.descriptor_dim:
+    if descriptors.dim() != 3 or descriptors.shape[:2] != (store.batch, fe) \
+            or descriptors.shape[2] != store.descriptor_dim:
         raise ValueError(f"history.append: descriptors must be [B={store.batch}, Fe={fe}, "
                          f"{store.descriptor_dim}], got {tuple(descriptors.shape)}")
     return fe
 
 
 class HistoryStore:
-    """Single-tier store on one device: a ring of ``capacity_frames`` frames. Ring slot
-    ``r`` holds pages ``(r * B + b) * L + l`` (stream b, layer l); history frame ``f``
-    (eviction order, oldest first) lives in slot ``(head + f) % capacity``, so dropping
-    the oldest frames only advances ``head`` (O(frames dropped), no copy).
+    """The history of one session: B streams (a lockstep batch) whose pages come from a
+    shared :class:`PagePool` and go back to it on :meth:`close`.
 
-    gpu_budget_bytes: None grows the pool by doubling (a copy); a budget is allocated
-    whole at construction and never grows.
+    overflow_policy: "error" raises HistoryFullError before anything changes when the
+        pool cannot take an append; "drop_oldest" warns once and forgets this session's
+        oldest frames (never another session's).
     """
 
-    def __init__(self, num_layers: int, batch: int, tokens_per_frame: int, num_heads: int,
-                 head_dim: int, descriptor_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", gpu_budget_bytes: int | None = None,
-                 overflow_policy: str = "error", initial_frames: int = 16) -> None:
-        self.num_layers, self.batch = num_layers, batch
-        self.page_shape = (tokens_per_frame, num_heads, head_dim)
-        self.dtype, self.device = dtype, torch.device(device)
+    def __init__(self, pool: PagePool, batch: int, descriptor_dim: int, overflow_policy: str = "error",
+                 initial_frames: int = 16) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"HistoryStore.batch must be an integer >= 1, got {batch!r}")
+        if isinstance(descriptor_dim, bool) or not isinstance(descriptor_dim, int) or descriptor_dim < 1:
+            raise ValueError(f"HistoryStore.descriptor_dim must be an integer >= 1, got {descriptor_dim!r}")
+        if overflow_policy not in OVERFLOW_POLICIES:
+            raise ValueError(f"HistoryStore.overflow_policy must be one of {OVERFLOW_POLICIES}, "
+                             f"got {overflow_policy!r}")
+        self.pool = pool
+        self.num_layers, self.batch = pool.num_layers, batch
+        self.page_shape, self.dtype, self.device = pool.page_shape, pool.dtype, pool.device
         self.descriptor_dim = descriptor_dim
         self.overflow_policy = overflow_policy
-        self.frame_bytes = 2 * num_layers * batch * tokens_per_frame * num_heads * head_dim * dtype.itemsize
-        self.max_frames = None if gpu_budget_bytes is None else gpu_budget_bytes // self.frame_bytes
-        # A budget is reserved up front: growing by copy needs the old and the new pool at
-        # once, which at Wan 1.3B shapes (287 MB per frame) is what runs a GPU out of memory.
-        cap = initial_frames if self.max_frames is None else self.max_frames
-        self.pool_k = torch.empty(0, *self.page_shape, dtype=dtype, device=self.device)
-        self.pool_v = torch.empty_like(self.pool_k)
-        self._ring = DescriptorRing(batch, descriptor_dim, cap, self.device)
-        self._head = 0           # ring slot of history frame 0
+        self.pages_per_frame = batch * pool.num_layers
+        self.frame_bytes = self.pages_per_frame * pool.page_bytes
+        self._streams = [pool.table.create_stream() for _ in range(batch)]
+        self._ring = DescriptorRing(batch, descriptor_dim, initial_frames, self.device, layers=pool.num_layers)
         self.num_frames = 0
         self.dropped_frames = 0
-        self._reserve(cap)
+        self.closed = False
+        pool.sessions += 1
 
-    @property
-    def capacity_frames(self) -> int:
-        return self.pool_k.shape[0] // (self.batch * self.num_layers)
+    # ---- sizes ----------------------------------------------------------------------------
 
     @property
     def bytes_used(self) -> int:
+        """K+V bytes of the frames held."""
         return self.num_frames * self.frame_bytes
 
-    def _reserve(self, frames: int) -> None:
-        if frames <= self.capacity_frames:
-            return
-        # Only an unbudgeted pool grows, and it never drops, so the ring is not wrapped.
-        assert self._head == 0, "a wrapped history ring cannot grow"
-        pages = frames * self.batch * self.num_layers
-        for name in ("pool_k", "pool_v"):
-            old = getattr(self, name)
-            new = torch.empty(pages, *self.page_shape, dtype=self.dtype, device=self.device)
-            new[: old.shape[0]].copy_(old)
-            setattr(self, name, new)
-        self._ring.reserve(frames)
+    @property
+    def capacity_frames(self) -> int | None:
+        """Frames this store could hold now: those held plus what the pool has free
+        (None: unbounded)."""
+        free = self.pool.free_pages()
+        return None if free is None else self.num_frames + free // self.pages_per_frame
+
+    def usage(self) -> dict:
+        return dict(num_frames=self.num_frames, dropped_frames=self.dropped_frames, bytes_used=self.bytes_used,
+                    frame_bytes=self.frame_bytes, index_bytes=self._ring.nbytes, streams=list(self._streams))
+
+    def _check_open(self, op: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"history.{op}: the store is closed (its pages went back to the pool)")
+
+    # ---- append / drop --------------------------------------------------------------------
 
     def append(self, k: torch.Tensor, v: torch.Tensor, descriptors: torch.Tensor) -> None:
         """k, v: [L, B, Fe, N, H, D]; descriptors: [B, Fe, Dd] (float32)."""
         fe = check_append_args(self, k, v, descriptors)
-        if self.max_frames is not None and self.num_frames + fe > self.max_frames:
-            if self.overflow_policy == "error" or fe > self.max_frames:
-                raise HistoryFullError(
-                    f"history budget full: {self.num_frames} frames held, {fe} more need "
-                    f"{(self.num_frames + fe) * self.frame_bytes} bytes > budget of {self.max_frames} frames "
-                    f"({self.max_frames * self.frame_bytes} bytes); raise gpu_budget_bytes/host_budget_bytes "
-                    "or set overflow_policy='drop_oldest'")
-            self._drop_oldest(self.num_frames + fe - self.max_frames)
-        if self.num_frames + fe > self.capacity_frames:
-            self._reserve(max(self.num_frames + fe, 2 * self.capacity_frames))
-        cap, per_frame = self.capacity_frames, self.batch * self.num_layers
-        # [L, B, Fe, ...] -> page order (f, b, l), written as at most two runs of ring slots,
-        # each copied straight from the permuted view (no intermediate copy).
-        first = (self._head + self.num_frames) % cap
-        for f0, f1 in ((0, min(fe, cap - first)), (cap - first, fe)):
-            if f0 >= f1:
-                continue
-            dst = ((first + f0) % cap) * per_frame
-            n = (f1 - f0) * per_frame
-            for pool, src in ((self.pool_k, k), (self.pool_v, v)):
-                pool[dst:dst + n].view(f1 - f0, self.batch, self.num_layers, *self.page_shape).copy_(
-                    src[:, :, f0:f1].permute(2, 1, 0, 3, 4, 5))
-        self._ring.append(descriptors)
+        k, v = k.to(self.device, self.dtype), v.to(self.device, self.dtype)
+        self._append(fe, lambda f: (k[:, :, f], v[:, :, f]), descriptors)
+
+    def append_window(self, window_k: torch.Tensor, window_v: torch.Tensor, slots: list[int],
+                      descriptors: torch.Tensor) -> None:
+        """Frames leaving a window: ``window_k``/``window_v`` [L, B, W, N, H, D], ``slots``
+        the frames' window slots (oldest first), descriptors [B, Fe, Dd]. Each frame is
+        copied once, from its window slot straight into its pages."""
+        # Checked before any page is placed: a bad shape would leak pages or desync the ring.
+        w = window_k.shape[2] if window_k.dim() == 6 else 0
+        if window_k.dim() != 6 or window_k.shape[:2] != (self.num_layers, self.batch) or window_k.shape[3:] != \
+                self.page_shape or window_v.shape != window_k.shape or {window_k.dtype, window_v.dtype} != {self.dtype}:
+            raise ValueError(f"history.append_window: window_k/window_v must be {self.dtype} [L={self.num_layers}, "
+                             f"B={self.batch}, W, {', '.join(map(str, self.page_shape))}], got {window_k.dtype} "
+                             f"{tuple(window_k.shape)} / {window_v.dtype} {tuple(window_v.shape)}")
+        if any(not 0 <= s < w for s in slots):
+            raise ValueError(f"history.append_window: slots must lie in [0, W={w}), got {list(slots)}")
+        if descriptors.shape != (self.batch, len(slots), self.descriptor_dim):
+            raise ValueError(f"history.append_window: descriptors must be [B={self.batch}, Fe={len(slots)}, "
+                             f"{self.descriptor_dim}], got {tuple(descriptors.shape)}")
+        self._append(len(slots), lambda f: (window_k[:, :, slots[f]], window_v[:, :, slots[f]]), descriptors)
+
+    def _append(self, fe: int, frame: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                descriptors: torch.Tensor) -> None:
+        self._check_open("append")
+        if fe == 0:
+            return
+        needed = fe * self.pages_per_frame
+        free = self.pool.free_pages()
+        if free is not None and needed > free:
+            self._make_room(fe, needed, free)
+        addresses = self.pool.place(self._streams, fe)          # order (stream, frame, layer)
+        num_layers, batch = self.num_layers, self.batch
+        for f in range(fe):
+            # frame f's pages in (layer, stream) order: the order of k[:, :, f].flatten(0, 1)
+            dst = [addresses[(b * fe + f) * num_layers + layer] for layer in range(num_layers) for b in range(batch)]
+            k, v = frame(f)
+            self.pool.write(dst, k.flatten(0, 1), v.flatten(0, 1))
+        if self.num_frames + fe > self._ring.capacity:
+            self._ring.reserve(max(self.num_frames + fe, 2 * self._ring.capacity))
+        pages = index_tensor(addresses, self.device).view(batch, fe, num_layers)
+        self._ring.append(descriptors.to(self.device), pages)
         self.num_frames += fe
+
+    def _make_room(self, fe: int, needed: int, free: int) -> None:
+        drop = -1 if self.overflow_policy == "error" else self.pool.table.frames_to_drop(self._streams, needed - free)
+        if drop < 0:
+            why = ("overflow_policy='error'" if self.overflow_policy == "error" else
+                   "dropping every frame of this session frees too little (the pool is shared with other "
+                   "sessions, or one append exceeds the budgets)")
+            raise HistoryFullError(
+                f"history budget full: {self.num_frames} frames held, {fe} more need {needed} pages "
+                f"({needed * self.pool.page_bytes} bytes) but the pool has {free} pages free; {why}; raise "
+                "gpu_budget_bytes/host_budget_bytes or set overflow_policy='drop_oldest'")
+        self._drop_oldest(drop)
 
     def _drop_oldest(self, count: int) -> None:
         if not self.dropped_frames:
-            warn_dropping(self.num_frames, self.frame_bytes, stacklevel=4)
-        self._head = (self._head + count) % self.capacity_frames
+            warn_dropping(self.num_frames, self.frame_bytes, stacklevel=5)
+        self.pool.table.drop_oldest(self._streams, count)
         self._ring.drop_oldest(count)
         self.num_frames -= count
         self.dropped_frames += count
+
+    # ---- retrieval ------------------------------------------------------------------------
 
     def descriptors(self) -> torch.Tensor:
         """[B, num_frames, Dd] float32 view, frame order = eviction order."""
@@ -146,20 +357,42 @@ class HistoryStore:
         """[B, num_frames] float32 L2 norms of the descriptors, kept from insertion."""
         return self._ring.norms()
 
+    def page_addresses(self) -> torch.Tensor:
+        """[B, num_frames, L] int64 pool addresses of the held frames (a view)."""
+        return self._ring.pages()
+
     def page_ids(self, frame_ids: torch.Tensor) -> torch.Tensor:
-        """frame_ids [B, K] (int64, -1 = none) -> page ids [L, B, K] int64 on the device."""
-        b = torch.arange(self.batch, device=frame_ids.device).unsqueeze(1)
-        layers = torch.arange(self.num_layers, device=frame_ids.device).view(-1, 1, 1)
-        slots = (frame_ids + self._head) % self.capacity_frames
-        pages = (slots * self.batch + b) * self.num_layers + layers
+        """frame_ids [B, K] (int64, -1 = none, else < num_frames) -> pool addresses
+        [L, B, K] int64 on the device, -1 kept. A device gather: no host sync."""
+        self._check_open("page_ids")
+        if frame_ids.dim() != 2 or frame_ids.shape[0] != self.batch:
+            raise ValueError(f"history.page_ids: frame_ids must be [B={self.batch}, K], got {tuple(frame_ids.shape)}")
+        frame_ids = frame_ids.to(self.device)
+        if self.num_frames == 0:
+            return torch.full((self.num_layers, *frame_ids.shape), -1, dtype=torch.int64, device=self.device)
+        rows = self._ring.pages()[torch.arange(self.batch, device=self.device).unsqueeze(1), frame_ids.clamp(min=0)]
+        pages = rows.permute(2, 0, 1)   # [B, K, L] -> [L, B, K]
         return torch.where(frame_ids >= 0, pages, torch.full_like(pages, -1))
 
     def frame_kv(self, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one history frame, [L, B, N, H, D] each (for inspection and tests)."""
+        self._check_open("frame_kv")
         if not 0 <= frame < self.num_frames:
             raise IndexError(f"history frame {frame} out of range [0, {self.num_frames})")
-        per_frame = self.batch * self.num_layers
-        slot = (self._head + frame) % self.capacity_frames
-        sl = slice(slot * per_frame, (slot + 1) * per_frame)
-        shape = (self.batch, self.num_layers, *self.page_shape)
-        return (self.pool_k[sl].view(shape).transpose(0, 1), self.pool_v[sl].view(shape).transpose(0, 1))
+        return self.pool.read(self.page_addresses()[:, frame].t())
+
+    # ---- end ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Gives every page back to the pool. Idempotent."""
+        if self.closed:
+            return
+        for stream in self._streams:
+            self.pool.table.free_stream(stream)
+        self.closed = True
+        self.pool.sessions -= 1
+        self._ring.drop_oldest(self._ring.num_frames)   # no descriptors of pages it no longer holds
+        self.num_frames = 0
+
+
+__all__ = ["PagePool", "HistoryStore", "HistoryFullError", "CapacityError", "warn_dropping", "OVERFLOW_POLICIES"]

@@ -222,14 +222,22 @@ def search_topk_ref(query: torch.Tensor, keys: torch.Tensor, k: int, num_eligibl
     start = torch.as_tensor(0 if eligible_start is None else eligible_start, device=device).reshape(-1, 1)
     end = torch.as_tensor(num_eligible, device=device).reshape(-1, 1)
     valid = (rows >= start) & (rows < end) & ~scores.isnan()
-    # Two stable sorts: by score (descending, lower index first on ties), then valid
-    # candidates before the rest, so an ineligible row never displaces an eligible one.
-    order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
-    order = order.gather(1, torch.sort(valid.gather(1, order).to(torch.int8), dim=1, descending=True,
-                                       stable=True).indices)
+    # Selection in O(N): the take-th best score is the threshold; every valid row above it
+    # is in, and rows at it fill the rest lowest index first. Only the chosen rows are
+    # then sorted (score descending, lower index first on ties); invalid rows never
+    # displace valid ones and come back as -1.
     take = min(k, n)
-    top = order[:, :take]
-    top_valid = valid.gather(1, top)
+    masked = scores.masked_fill(~valid, float("-inf"))
+    threshold = masked.topk(take, dim=1).values[:, -1:]
+    above = valid & (masked > threshold)
+    at = valid & (masked == threshold)
+    chosen = above | (at & (at.cumsum(1) <= take - above.sum(1, keepdim=True)))
+    index = torch.where(chosen, rows, n).topk(take, dim=1, largest=False, sorted=True).values   # ascending
+    present = index < n
+    safe = index.clamp(max=n - 1)
+    order = torch.sort(torch.where(present, scores.gather(1, safe), float("-inf")), dim=1, descending=True,
+                       stable=True).indices
+    top, top_valid = safe.gather(1, order), present.gather(1, order)
     scores_out[:, :take] = torch.where(top_valid, scores.gather(1, top), float("-inf"))
     index_out[:, :take] = torch.where(top_valid, top, -1)
     return scores_out, index_out

@@ -8,31 +8,61 @@ A page is one frame of one layer of one stream: ``[N, H, D]`` tokens of un-rotat
 -1 leave their output frame untouched, so a padded, fixed-size id buffer keeps the
 launch grid constant (CUDA-graph friendly).
 
+A pool is either one ``[P, N, H, D]`` tensor or a *chunked* pool: a list of chunk
+tensors ``[rows_i, N, H, D]`` (``rows_i <= chunk_pages``) that are never copied when
+the pool grows. Page ``p`` of a chunked pool is row ``p % chunk_pages`` of chunk
+``p // chunk_pages``. On CUDA a chunk may sit in pinned host memory; the kernel then
+reads its pages in place over unified virtual addressing (zero-copy: torch's pinned
+memory is mapped into the device's address space at its host address).
+
+The kernel addresses every chunk from one base pointer plus a per-chunk element offset
+(``(chunk.data_ptr() - base.data_ptr()) // itemsize``), kept in a small int64 tensor
+on the kernel's device and cached by the chunks' addresses, so a steady state uploads
+nothing (a graph captured with a chunk list must be replayed while its entry is cached:
+at most ``_OFFSET_CACHE_SIZE`` distinct chunk lists are kept). The base is the
+lowest-address chunk on the kernel's device (offsets >= 0 on the CPU, where the
+interpreter works with unsigned addresses); on CUDA, where Triton takes only device
+tensors, offsets to pinned host chunks may be negative, and when no chunk is on the
+device a one-element device tensor serves as the base.
+
 RoPE angle of pair ``c`` (of ``D/2``) of token ``t``: ``cos_t[pos, c]`` for
 ``c < d_t/2``, else ``cos_hw[t, c - d_t/2]`` (see ``lrag_engine.ops.rope``).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 
 from lrag_engine.ops.dispatch import HAS_TRITON, check_kernel_runnable, next_power_of_2, tl, triton, use_triton
 from lrag_engine.ops.rope import RopeTables, apply_rope_ref
+from lrag_engine.runtime.transfer import index_tensor
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements of one tensor per program: 16 KB of a 16-bit dtype gives each of 128 threads
 # several 16-byte accesses per tensor, while the float32 rotation still fits in registers.
 TILE_ELEMENTS = 8192
+# Most elements of one page tensor the reference gathers and rotates at once.
+_REF_BATCH_ELEMENTS = 1 << 24
+# Chunk-offset tensors kept per (device, chunk addresses); a pool that grows adds one
+# entry per new chunk count, so a few dozen cover any steady state.
+_OFFSET_CACHE_SIZE = 64
+_offset_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+# One-element base tensors per (device, dtype) for chunk lists with no chunk on the device.
+_dummy_bases: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 if HAS_TRITON:
     @triton.jit
     def _splice_kernel(
-        pk_ptr, pv_ptr, ids_ptr, pos_ptr, cos_t_ptr, sin_t_ptr, cos_hw_ptr, sin_hw_ptr, ok_ptr, ov_ptr,
-        B, FC, N, H, frame_offset,
+        pk_ptr, pv_ptr, off_ptr, ids_ptr, pos_ptr, cos_t_ptr, sin_t_ptr, cos_hw_ptr, sin_hw_ptr, ok_ptr, ov_ptr,
+        B, FC, N, H, frame_offset, chunk_pages, n_chunks,
         stride_pkp, stride_pkn, stride_pkh, stride_pkd,
         stride_pvp, stride_pvn, stride_pvh, stride_pvd,
         stride_il, stride_ib, stride_ij, stride_posb, stride_posj, stride_ct, stride_chw,
         stride_okl, stride_okb, stride_okn, stride_okh, stride_okd,
         stride_ovl, stride_ovb, stride_ovn, stride_ovh, stride_ovd,
+        CHUNKED: tl.constexpr, OFF_ALIGN: tl.constexpr,
         DT2: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD2: tl.constexpr,
     ):
         i_f = tl.program_id(0).to(tl.int64)
@@ -42,6 +72,18 @@ if HAS_TRITON:
         i_j = i_f % FC
         page = tl.load(ids_ptr + i_l * stride_il + i_b * stride_ib + i_j * stride_ij).to(tl.int64)
         if page >= 0:
+            if CHUNKED:
+                # Page -> (chunk, row); the chunk's element offset from the base pointers,
+                # K offsets first, then V offsets. OFF_ALIGN (checked on the host) keeps the
+                # loads vectorised though the offsets are only known at run time.
+                chunk = page // chunk_pages
+                row_p = page - chunk * chunk_pages
+                base_k = pk_ptr + tl.multiple_of(tl.load(off_ptr + chunk), OFF_ALIGN)
+                base_v = pv_ptr + tl.multiple_of(tl.load(off_ptr + n_chunks + chunk), OFF_ALIGN)
+            else:
+                row_p = page
+                base_k = pk_ptr
+                base_v = pv_ptr
             pos = tl.load(pos_ptr + i_b * stride_posb + i_j * stride_posj).to(tl.int64)
             o_t = i_t * BT + tl.arange(0, BT)
             o_h = tl.arange(0, BH)
@@ -51,7 +93,7 @@ if HAS_TRITON:
             m_x = m_t[:, None, None] & (o_h < H)[None, :, None] & (o_d < 2 * D2)[None, None, :]
             row = (frame_offset + i_j) * N + o_t
 
-            p_pk = (pk_ptr + page * stride_pkp + o_t[:, None, None] * stride_pkn
+            p_pk = (base_k + row_p * stride_pkp + o_t[:, None, None] * stride_pkn
                     + o_h[None, :, None] * stride_pkh + o_d[None, None, :] * stride_pkd)
             # [BT, BH, 2*BD2]
             b_k = tl.load(p_pk, mask=m_x, other=0.0)
@@ -75,7 +117,7 @@ if HAS_TRITON:
                     + o_h[None, :, None] * stride_okh + o_d[None, None, :] * stride_okd)
             tl.store(p_ok, b_rot.to(ok_ptr.dtype.element_ty), mask=m_x)
 
-            p_pv = (pv_ptr + page * stride_pvp + o_t[:, None, None] * stride_pvn
+            p_pv = (base_v + row_p * stride_pvp + o_t[:, None, None] * stride_pvn
                     + o_h[None, :, None] * stride_pvh + o_d[None, None, :] * stride_pvd)
             # [BT, BH, 2*BD2]
             b_v = tl.load(p_pv, mask=m_x, other=0.0)
@@ -84,15 +126,135 @@ if HAS_TRITON:
             tl.store(p_ov, b_v, mask=m_x)
 
 
-def _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset) -> torch.Tensor:
-    """Validate and return ``positions`` as [B, Fc]."""
-    if pool_k.dim() != 4 or pool_v.shape != pool_k.shape:
-        raise ValueError(f"splice: pool_k/pool_v must be [P, N, H, D] of one shape, got "
-                         f"{tuple(pool_k.shape)} / {tuple(pool_v.shape)}")
-    _, n, h, d = pool_k.shape
-    if pool_k.dtype not in _SUPPORTED_DTYPES or pool_v.dtype != pool_k.dtype:
+# ---- pools: one tensor or a chunk list --------------------------------------------------
+
+
+@dataclass
+class _Pools:
+    """Validated K/V pools as chunk lists (a plain tensor is one chunk of all its pages)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    chunk_pages: int
+    chunked: bool          # given as chunk lists (contiguous chunks), not one tensor
+
+    @property
+    def page_shape(self) -> tuple[int, int, int]:
+        return tuple(self.k[0].shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def rows(self) -> list[int]:
+        return [c.shape[0] for c in self.k]
+
+    @property
+    def end(self) -> int:
+        """One past the highest page id that can name a stored page (0: no pages)."""
+        if not self.k:
+            return 0
+        return (len(self.k) - 1) * self.chunk_pages + self.k[-1].shape[0]
+
+
+def _is_chunk_list(pool) -> bool:
+    return isinstance(pool, (list, tuple))
+
+
+def _chunk_list(op: str, name: str, pool, chunk_pages) -> tuple[list[torch.Tensor], int, bool]:
+    """``pool`` as (chunks, chunk_pages, chunked), shapes and layout checked per chunk."""
+    if isinstance(pool, torch.Tensor):
+        if pool.dim() != 4:
+            raise ValueError(f"{op}: {name} must be [P, N, H, D], got {tuple(pool.shape)}")
+        return [pool], max(pool.shape[0], 1), False
+    if not _is_chunk_list(pool):
+        raise ValueError(f"{op}: {name} must be a [P, N, H, D] tensor or a list of chunk tensors, "
+                         f"got {type(pool).__name__}")
+    if isinstance(chunk_pages, bool) or not isinstance(chunk_pages, int) or chunk_pages < 1:
+        raise ValueError(f"{op}: chunk_pages must be an int >= 1 when {name} is a chunk list, got {chunk_pages!r}")
+    chunks = list(pool)
+    for i, c in enumerate(chunks):
+        if not isinstance(c, torch.Tensor) or c.dim() != 4:
+            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+            raise ValueError(f"{op}: {name}[{i}] must be a [rows, N, H, D] tensor, got {got}")
+        if c.shape[0] > chunk_pages:
+            raise ValueError(f"{op}: {name}[{i}] has {c.shape[0]} rows, more than chunk_pages={chunk_pages}")
+        if c.shape[1:] != chunks[0].shape[1:]:
+            raise ValueError(f"{op}: {name}[{i}] pages are {tuple(c.shape[1:])}, {name}[0] pages "
+                             f"{tuple(chunks[0].shape[1:])}")
+        if c.dtype != chunks[0].dtype:
+            raise ValueError(f"{op}: {name}[{i}] dtype {c.dtype} differs from {name}[0] dtype {chunks[0].dtype}")
+        if not c.is_contiguous():
+            raise ValueError(f"{op}: {name}[{i}] must be contiguous")
+    return chunks, chunk_pages, True
+
+
+def _check_pools(pool_k, pool_v, chunk_pages, device: torch.device) -> _Pools:
+    if _is_chunk_list(pool_k) != _is_chunk_list(pool_v):
+        raise ValueError("splice: pool_k and pool_v must both be tensors or both chunk lists, got "
+                         f"{type(pool_k).__name__} / {type(pool_v).__name__}")
+    ks, cp, chunked = _chunk_list("splice", "pool_k", pool_k, chunk_pages)
+    vs, _, _ = _chunk_list("splice", "pool_v", pool_v, cp)
+    if not chunked:
+        if pool_v.shape != pool_k.shape:
+            raise ValueError(f"splice: pool_k/pool_v must be [P, N, H, D] of one shape, got "
+                             f"{tuple(pool_k.shape)} / {tuple(pool_v.shape)}")
+    else:
+        if len(vs) != len(ks):
+            raise ValueError(f"splice: pool_k has {len(ks)} chunks, pool_v {len(vs)}: K and V chunks must pair up")
+        for i, (k, v) in enumerate(zip(ks, vs)):
+            if v.shape != k.shape:
+                raise ValueError(f"splice: pool_v[{i}] is {tuple(v.shape)}, pool_k[{i}] {tuple(k.shape)}: "
+                                 "K and V chunks must pair up")
+    if ks and (ks[0].dtype not in _SUPPORTED_DTYPES or vs[0].dtype != ks[0].dtype):
         raise ValueError(f"splice: pools must share one of float32/bfloat16/float16, got "
-                         f"{pool_k.dtype} / {pool_v.dtype}")
+                         f"{ks[0].dtype} / {vs[0].dtype}")
+    for name, chunks in (("pool_k", ks), ("pool_v", vs)):
+        for i, c in enumerate(chunks):
+            if c.device == device:
+                continue
+            label = f"{name}[{i}]" if chunked else name
+            if not chunked:
+                raise ValueError(f"splice: {label} is on {c.device}, out_k on {device}")
+            if not (device.type == "cuda" and c.device.type == "cpu" and c.is_pinned()):
+                raise ValueError(f"splice: {label} is on {c.device}{' (not pinned)' if c.device.type == 'cpu' else ''},"
+                                 f" out_k on {device}: chunks must be on the outputs' device or, for CUDA "
+                                 "outputs, in pinned host memory")
+    return _Pools(ks, vs, cp, chunked)
+
+
+def _check_page_range(op: str, pools: _Pools, ids: torch.Tensor, lowest: int) -> None:
+    """Range-check host ``ids`` (>= ``lowest``; non-negative ones must name stored rows)."""
+    if not ids.numel():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < lowest or hi >= pools.end:
+        raise ValueError(f"{op}: page_ids must lie in [{lowest}, {pools.end}), got [{lo}, {hi}]")
+    if pools.chunked and min(pools.rows[:-1], default=pools.chunk_pages) < pools.chunk_pages:
+        # A chunk short of chunk_pages before the last one leaves ids that name no row.
+        used = ids[ids >= 0].long()
+        rows = torch.tensor(pools.rows)
+        bad = (used % pools.chunk_pages) >= rows[used // pools.chunk_pages]
+        if bad.any():
+            p = int(used[bad][0])
+            c, r = divmod(p, pools.chunk_pages)
+            raise ValueError(f"{op}: page id {p} is row {r} of chunk {c}, which holds {pools.rows[c]} pages")
+
+
+def _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
+                  chunk_pages) -> tuple[_Pools, torch.Tensor]:
+    """Validate; return the pools as chunk lists and ``positions`` as [B, Fc]."""
+    if not isinstance(out_k, torch.Tensor) or not isinstance(out_v, torch.Tensor):
+        raise ValueError("splice: out_k and out_v must be tensors")
+    device = out_k.device
+    pools = _check_pools(pool_k, pool_v, chunk_pages, device)
+    if pools.k:
+        (n, h, d), dtype = pools.page_shape, pools.dtype
+    else:
+        # An empty chunk list (a pool before its first chunk): every id must be -1.
+        n, dtype = tables.tokens_per_frame, out_k.dtype
+        h, d = tuple(out_k.shape[3:5]) if out_k.dim() == 5 else (0, 0)
     if page_ids.dim() != 3 or page_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"splice: page_ids must be int32/int64 [L, B, Fc], got {page_ids.dtype} "
                          f"{tuple(page_ids.shape)}")
@@ -107,85 +269,214 @@ def _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, fra
         if out.dim() != 5 or out.shape[:2] != (num_layers, batch) or out.shape[3:] != (h, d) or out.shape[2] < need:
             raise ValueError(f"splice: {name} must be [L={num_layers}, B={batch}, Lctx>={need}, H={h}, D={d}], "
                              f"got {tuple(out.shape)}")
-        if out.dtype != pool_k.dtype:
-            raise ValueError(f"splice: {name} dtype {out.dtype} differs from the pools' {pool_k.dtype}")
+        if out.dtype != dtype:
+            raise ValueError(f"splice: {name} dtype {out.dtype} differs from the pools' {dtype}")
     if tables.tokens_per_frame != n:
         raise ValueError(f"splice: RoPE tables are for {tables.tokens_per_frame} tokens per frame, pages hold {n}")
     if d % 2 or 2 * (tables.cos_t.shape[1] + tables.cos_hw.shape[1]) != d:
         raise ValueError(f"splice: head dim D={d} does not match the RoPE tables "
                          f"(d_t/2={tables.cos_t.shape[1]}, (d_h+d_w)/2={tables.cos_hw.shape[1]})")
-    tensors = dict(pool_v=pool_v, page_ids=page_ids, positions=positions, out_k=out_k, out_v=out_v,
+    tensors = dict(page_ids=page_ids, positions=positions, out_v=out_v,
                    cos_t=tables.cos_t, sin_t=tables.sin_t, cos_hw=tables.cos_hw, sin_hw=tables.sin_hw)
     for name, t in tensors.items():
-        if t.device != pool_k.device:
-            raise ValueError(f"splice: {name} is on {t.device}, pool_k on {pool_k.device}")
+        if t.device != device:
+            raise ValueError(f"splice: {name} is on {t.device}, out_k on {device}")
     if positions.dim() == 1:
         positions = positions.unsqueeze(0).expand(batch, -1)
     # Host-side range checks only where they cost no device sync; CUDA callers are trusted.
-    if pool_k.device.type == "cpu" and page_ids.numel():
-        lo, hi = int(page_ids.min()), int(page_ids.max())
-        if lo < -1 or hi >= pool_k.shape[0]:
-            raise ValueError(f"splice: page_ids must lie in [-1, {pool_k.shape[0]}), got [{lo}, {hi}]")
+    if device.type == "cpu" and page_ids.numel():
+        _check_page_range("splice", pools, page_ids, -1)
         used = positions.unsqueeze(0).expand(num_layers, -1, -1)[page_ids >= 0]
         if used.numel() and (int(used.min()) < 0 or int(used.max()) >= tables.max_frames):
             raise ValueError(f"splice: positions must lie in [0, {tables.max_frames}), got "
                              f"[{int(used.min())}, {int(used.max())}]")
-    return positions
+    return pools, positions
 
 
-def splice_ref(pool_k: torch.Tensor, pool_v: torch.Tensor, page_ids: torch.Tensor, positions: torch.Tensor,
-               tables: RopeTables, out_k: torch.Tensor, out_v: torch.Tensor, frame_offset: int = 0) -> None:
-    """Float32 PyTorch reference of :func:`splice` (same arguments, writes ``out_k``/``out_v``)."""
-    positions = _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset)
-    n = pool_k.shape[1]
-    for l, b, j in (page_ids >= 0).nonzero().tolist():
-        page = int(page_ids[l, b, j])
-        cos, sin = tables.frame_cos_sin(positions[b, j])
-        start = (frame_offset + j) * n
-        out_k[l, b, start:start + n] = apply_rope_ref(pool_k[page], cos, sin)
-        out_v[l, b, start:start + n] = pool_v[page]
+# ---- gathering pages (reference and inspection) ----------------------------------------
 
 
-def _splice_triton(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset) -> None:
-    num_layers, batch, frames = page_ids.shape
-    _, n, h, d = pool_k.shape
-    if page_ids.numel() == 0 or n == 0:
+def _gather(chunks: list[torch.Tensor], chunk_pages: int, ids: torch.Tensor) -> torch.Tensor:
+    """Pages ``ids`` (>= 0, valid) of ``chunks``: ``[*ids.shape, N, H, D]`` on ``ids``' device.
+
+    One indexed read per chunk touched. Syncs the host when the ids are on a device
+    and the pool has more than one chunk, or its chunk is elsewhere.
+    """
+    device = ids.device
+    flat = ids.reshape(-1).long()
+    if len(chunks) == 1 and chunks[0].device == device:
+        return chunks[0][flat].reshape(*ids.shape, *chunks[0].shape[1:])
+    out = torch.empty(flat.numel(), *chunks[0].shape[1:], dtype=chunks[0].dtype, device=device)
+    host = flat.cpu()
+    which = host // chunk_pages
+    for c in which.unique().tolist():
+        at = (which == c).nonzero().squeeze(1)
+        chunk = chunks[c]
+        pages = chunk[(host[at] - c * chunk_pages).to(chunk.device)]
+        out[at.to(device)] = pages.to(device)
+    return out.reshape(*ids.shape, *chunks[0].shape[1:])
+
+
+def read_pages(pool, page_ids: torch.Tensor, chunk_pages: int | None = None) -> torch.Tensor:
+    """Pages ``page_ids`` of a pool, ``[*page_ids.shape, N, H, D]`` on ``page_ids``' device.
+
+    ``pool`` is a ``[P, N, H, D]`` tensor (``chunk_pages`` ignored) or a list of chunk
+    tensors ``[rows_i, N, H, D]`` with page ``p`` at row ``p % chunk_pages`` of chunk
+    ``p // chunk_pages`` (chunks may sit on different devices, e.g. CUDA and pinned host).
+    Ids must be >= 0 and name stored pages. For inspection: it may sync the host (it
+    reads the ids there to pick the chunks, and checks them).
+    """
+    if not isinstance(page_ids, torch.Tensor) or page_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"read_pages: page_ids must be an int32/int64 tensor, got "
+                         f"{getattr(page_ids, 'dtype', type(page_ids).__name__)}")
+    chunks, cp, chunked = _chunk_list("read_pages", "pool", pool, chunk_pages)
+    if not chunks:
+        raise ValueError("read_pages: pool is an empty chunk list: no pages to read")
+    pools = _Pools(chunks, chunks, cp, chunked)
+    _check_page_range("read_pages", pools, page_ids.cpu(), 0)
+    return _gather(chunks, cp, page_ids)
+
+
+# ---- reference ----------------------------------------------------------------------------
+
+
+def _splice_reference(pools: _Pools, page_ids, positions, tables, out_k, out_v, frame_offset) -> None:
+    if pools.end == 0:
         return
-    check_kernel_runnable(_splice_kernel, pool_k, "splice")
+    n = pools.page_shape[0]
+    device = out_k.device
+    sel = (page_ids >= 0).nonzero()
+    if not sel.numel():
+        return
+    layer, stream, frame = sel.unbind(1)
+    pages = page_ids[layer, stream, frame]
+    batch = max(1, _REF_BATCH_ELEMENTS // max(1, pools.k[0][0].numel()))
+    tokens = torch.arange(n, device=device)
+    for s in range(0, pages.numel(), batch):
+        l, b, j, p = (t[s:s + batch] for t in (layer, stream, frame, pages))
+        cos, sin = tables.frame_cos_sin(positions[b, j])     # [m, N, D/2]
+        rows = ((frame_offset + j) * n).unsqueeze(1) + tokens  # [m, N]
+        l, b = l.unsqueeze(1), b.unsqueeze(1)
+        out_k[l, b, rows] = apply_rope_ref(_gather(pools.k, pools.chunk_pages, p), cos, sin)
+        out_v[l, b, rows] = _gather(pools.v, pools.chunk_pages, p)
+
+
+def splice_ref(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, tables: RopeTables,
+               out_k: torch.Tensor, out_v: torch.Tensor, frame_offset: int = 0,
+               chunk_pages: int | None = None) -> None:
+    """Float32 PyTorch reference of :func:`splice` (same arguments, writes ``out_k``/``out_v``).
+
+    A test path: it syncs the host (it finds the used ids there) and, on CUDA, copies
+    the pages it needs out of pinned host chunks.
+    """
+    pools, positions = _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
+                                     chunk_pages)
+    _splice_reference(pools, page_ids, positions, tables, out_k, out_v, frame_offset)
+
+
+# ---- kernel launch ----------------------------------------------------------------------
+
+
+def _base_and_offsets(pools: _Pools, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(K base, V base, int64 [2 * chunks] element offsets of K then V chunks on ``device``,
+    the largest power of two up to 16 that divides every offset)."""
+    itemsize = pools.dtype.itemsize
+    bases = []
+    for chunks in (pools.k, pools.v):
+        # Empty chunks hold no page to read (and may have no address): never the base.
+        local = [c for c in chunks if c.device == device and c.numel()]
+        if local:
+            bases.append(min(local, key=lambda c: c.data_ptr()))
+        else:
+            # Only on CUDA (on the CPU every chunk is local, and a pool without pages launches nothing).
+            key = (device, pools.dtype)
+            if key not in _dummy_bases:
+                _dummy_bases[key] = torch.zeros(1, dtype=pools.dtype, device=device)
+            bases.append(_dummy_bases[key])
+    k_ptrs = tuple(c.data_ptr() for c in pools.k)
+    v_ptrs = tuple(c.data_ptr() for c in pools.v)
+    key = (device, itemsize, bases[0].data_ptr(), bases[1].data_ptr(), k_ptrs, v_ptrs)
+    entry = _offset_cache.get(key)
+    if entry is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A captured upload would replay from a staging buffer that is reused later.
+            raise RuntimeError("splice: a chunk list first seen during CUDA graph capture; run the splice "
+                               "once with these chunks before capturing")
+        values = []
+        for base, chunks, ptrs in ((bases[0], pools.k, k_ptrs), (bases[1], pools.v, v_ptrs)):
+            for c, ptr in zip(chunks, ptrs):
+                delta = ptr - base.data_ptr() if c.numel() else 0
+                assert delta % itemsize == 0, f"splice: chunk address {ptr:#x} not aligned to its dtype"
+                values.append(delta // itemsize)
+        align = 16
+        while any(v % align for v in values):
+            align //= 2
+        entry = index_tensor(values, device), align
+        _offset_cache[key] = entry
+        if len(_offset_cache) > _OFFSET_CACHE_SIZE:
+            _offset_cache.popitem(last=False)
+    else:
+        _offset_cache.move_to_end(key)
+    return bases[0], bases[1], *entry
+
+
+def _splice_triton(pools: _Pools, page_ids, positions, tables, out_k, out_v, frame_offset) -> None:
+    if page_ids.numel() == 0 or pools.end == 0 or pools.page_shape[0] == 0:
+        return
+    num_layers, batch, frames = page_ids.shape
+    n, h, d = pools.page_shape
+    check_kernel_runnable(_splice_kernel, out_k, "splice")
+    if pools.chunked:
+        base_k, base_v, offsets, align = _base_and_offsets(pools, out_k.device)
+        # Chunks are contiguous; strides from the shape (a one-row chunk may report any stride(0)).
+        page_strides = (n * h * d, h * d, d, 1)
+        stride_k = stride_v = page_strides
+    else:
+        base_k, base_v, offsets, align = pools.k[0], pools.v[0], page_ids, 1   # offsets unused
+        stride_k, stride_v = pools.k[0].stride(), pools.v[0].stride()
     block_h = next_power_of_2(h)
     block_d2 = next_power_of_2(d // 2)
     block_t = max(1, min(next_power_of_2(n), TILE_ELEMENTS // (block_h * 2 * block_d2)))
     grid = (num_layers * batch * frames, -(-n // block_t))
     _splice_kernel[grid](
-        pool_k, pool_v, page_ids, positions, tables.cos_t, tables.sin_t, tables.cos_hw, tables.sin_hw,
+        base_k, base_v, offsets, page_ids, positions, tables.cos_t, tables.sin_t, tables.cos_hw, tables.sin_hw,
         out_k, out_v,
-        batch, frames, n, h, frame_offset,
-        *pool_k.stride(), *pool_v.stride(), *page_ids.stride(), *positions.stride(),
+        batch, frames, n, h, frame_offset, pools.chunk_pages, len(pools.k),
+        *stride_k, *stride_v, *page_ids.stride(), *positions.stride(),
         tables.cos_t.stride(0), tables.cos_hw.stride(0), *out_k.stride(), *out_v.stride(),
+        CHUNKED=pools.chunked, OFF_ALIGN=align,
         DT2=tables.cos_t.shape[1], D2=d // 2, BT=block_t, BH=block_h, BD2=block_d2,
         num_warps=4,
     )
 
 
-def splice(pool_k: torch.Tensor, pool_v: torch.Tensor, page_ids: torch.Tensor, positions: torch.Tensor,
-           tables: RopeTables, out_k: torch.Tensor, out_v: torch.Tensor, frame_offset: int = 0,
-           mode: str = "auto") -> None:
+def splice(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, tables: RopeTables,
+           out_k: torch.Tensor, out_v: torch.Tensor, frame_offset: int = 0, mode: str = "auto",
+           chunk_pages: int | None = None) -> None:
     """Write context frames ``frame_offset .. frame_offset + Fc - 1`` of every layer and stream.
 
     Args:
-        pool_k, pool_v: [P, N, H, D] page pools (un-rotated K, V), float32/bfloat16/float16.
+        pool_k, pool_v: the page pools (un-rotated K, V), float32/bfloat16/float16: either
+            [P, N, H, D] tensors on the outputs' device (``chunk_pages`` ignored), or paired
+            lists of contiguous chunk tensors [rows_i, N, H, D], ``rows_i <= chunk_pages``,
+            page ``p`` at row ``p % chunk_pages`` of chunk ``p // chunk_pages`` (an empty
+            list holds no page: every id must then be -1, and nothing is written). A chunk is
+            on the outputs' device or, for CUDA outputs, in pinned host memory (the kernel
+            reads it in place over UVA; the reference copies the pages it needs).
         page_ids: int32/int64 [L, B, Fc]; -1 skips the frame (its output is left untouched).
             Ids are range-checked on CPU tensors only; on CUDA they are trusted.
         positions: int32/int64 [B, Fc] or [Fc]: temporal RoPE index of each context frame,
             in ``[0, tables.max_frames)`` (checked on CPU only, trusted on CUDA).
-        tables: RoPE tables on the pools' device, ``tokens_per_frame == N``.
+        tables: RoPE tables on the outputs' device, ``tokens_per_frame == N``.
         out_k, out_v: [L, B, Lctx, H, D] in the pools' dtype, ``Lctx >= (frame_offset + Fc) * N``.
             K is rotated in float32 and stored in that dtype; V is copied bit for bit.
         frame_offset: first context frame written.
         mode: "auto" | "triton" | "reference" (see ``lrag_engine.ops.dispatch``).
+        chunk_pages: pages per chunk; required (int >= 1) with chunk lists.
     """
-    if not use_triton(pool_k, mode, "splice"):
-        splice_ref(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset)
-        return
-    positions = _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset)
-    _splice_triton(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset)
+    pools, positions = _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
+                                     chunk_pages)
+    if use_triton(out_k, mode, "splice"):
+        _splice_triton(pools, page_ids, positions, tables, out_k, out_v, frame_offset)
+    else:
+        _splice_reference(pools, page_ids, positions, tables, out_k, out_v, frame_offset)

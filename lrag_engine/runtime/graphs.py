@@ -25,8 +25,10 @@ class StaticForward:
         self.inputs: dict[str, torch.Tensor] | None = None
         self.output: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         if self.inputs is None:
             self.inputs = {name: value.clone() for name, value in inputs.items()}
             if self.capture:
@@ -52,17 +54,38 @@ class StaticForward:
 
 
 class GraphCache:
-    """StaticForwards keyed by a shape signature; one memory pool shared by all graphs."""
+    """StaticForwards keyed by a shape signature; one memory pool shared by all graphs.
+
+    An engine holds one for all its sessions: a forward built for a signature is
+    reused by every later session with that signature.
+    """
 
     def __init__(self, capture: bool) -> None:
         self.capture = capture
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self._forwards: dict[tuple, StaticForward] = {}
 
-    def get(self, key: tuple, fn: Callable[..., torch.Tensor]) -> StaticForward:
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._forwards
+
+    def get(self, key: tuple, fn: Callable[[], Callable[..., torch.Tensor]]) -> StaticForward:
+        """The forward for ``key``; ``fn()`` builds its function the first time."""
         if key not in self._forwards:
-            self._forwards[key] = StaticForward(fn, self.capture, self.pool)
+            self._forwards[key] = StaticForward(fn(), self.capture, self.pool)
         return self._forwards[key]
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (0 off CUDA)."""
+        return sum(f.graph is not None for f in self._forwards.values())
+
+    @property
+    def calls(self) -> int:
+        """Calls of all static forwards (the first of each runs or captures it)."""
+        return sum(f.calls for f in self._forwards.values())
+
+    def keys(self) -> list[tuple]:
+        return list(self._forwards)
 
     def __len__(self) -> int:
         return len(self._forwards)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks import common, latency
+from benchmarks import latency
+from lrag_engine.bench.nvml import NvmlSampler
 from lrag_engine.config import MemoryConfig, ModelConfig
 from lrag_engine.engine import Engine
 
@@ -119,7 +120,7 @@ def test_nvml_sampler_summary_from_samples():
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=90),
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 << 30),
         nvmlDeviceGetTemperature=lambda h, sensor: 61)
-    sampler = common.NvmlSampler("cpu", interval=0.01)
+    sampler = NvmlSampler("cpu", interval=0.01)
     assert sampler.summary() is None
     sampler._nvml, sampler._handle = fake, object()
     with sampler:

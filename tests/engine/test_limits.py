@@ -50,7 +50,7 @@ def test_generate_refuses_an_output_larger_than_memory(randn_sizes, monkeypatch)
     huge = 2_100_000_000   # [1, T, 16, 8, 12] float32: 12.9 TB
     with pytest.raises(ValueError, match=r"num_frames=2100000000 .*physical memory"):
         engine.generate(huge)
-    monkeypatch.setattr("lrag_engine.engine._physical_memory_bytes", lambda: 30 * FRAME_VALUES * 4)
+    monkeypatch.setattr("lrag_engine.checks.physical_memory_bytes", lambda: 30 * FRAME_VALUES * 4)
     with pytest.raises(ValueError, match=r"num_frames=33 \(batch 1\).*needs 202752 bytes, "
                                          r"more than the 184320 bytes of physical memory"):
         engine.generate(33)
@@ -83,20 +83,20 @@ def test_a_shorter_run_is_a_prefix_of_a_longer_one():
 
 def _first_block_noises(engine, monkeypatch, **run):
     """(initial noise, first re-noise) of block 0 of ``engine.generate(**run)``."""
+    import lrag_engine.session as session_module
     seen = {}
-    real_forward = engine._forward
+    real_forward = session_module.Session._forward
+    real_renoise = session_module.renoise_step
 
-    def forward(cache, graphs, seen_signatures, x, *rest, **kwargs):
+    def forward(self, x, *rest, **kwargs):
         seen.setdefault("x", x.clone())
-        return real_forward(cache, graphs, seen_signatures, x, *rest, **kwargs)
+        return real_forward(self, x, *rest, **kwargs)
 
     def renoise(x0, fresh, sigma):
         seen.setdefault("fresh", fresh.clone())
         return real_renoise(x0, fresh, sigma)
-    import lrag_engine.engine as engine_module
-    real_renoise = engine_module.renoise
-    monkeypatch.setattr(engine, "_forward", forward)
-    monkeypatch.setattr(engine_module, "renoise", renoise)
+    monkeypatch.setattr(session_module.Session, "_forward", forward)
+    monkeypatch.setattr(session_module, "renoise_step", renoise)
     engine.generate(**run)
     return seen["x"], seen["fresh"]
 

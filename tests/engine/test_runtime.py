@@ -43,20 +43,26 @@ def test_stream_outputs_are_lazy_and_complete():
     assert [b.log.block for b in blocks] == list(range(FRAMES // 3))
 
 
-def test_host_tier_history_matches_device_history():
+@pytest.mark.parametrize("page_table", ["cpp", "python"])
+def test_host_tier_history_matches_device_history(page_table):
     from lrag_engine.memory._ext import extension_available
-    if not extension_available():
+    if page_table == "cpp" and not extension_available():
         pytest.skip("the paged-memory extension is not built")
     _, eager = _run()
     frame_bytes = 2 * TINY.num_layers * TINY.tokens_per_frame * TINY.dim * 4
     engine = Engine(TINY, MemoryConfig(**MEMORY, history_tier="host", host_budget_bytes=FRAMES * frame_bytes),
-                    RuntimeConfig(kernels="reference"), seed=4)
-    host = engine.generate(FRAMES, seed=7)
-    assert type(engine.cache.history).__name__ == "PagedHistoryStore"
-    usage = engine.cache.history.usage()
-    assert usage["host_used"] > usage["gpu_capacity"]   # most of the history really is on the host
-    torch.testing.assert_close(host.latents, eager.latents, rtol=0, atol=0)
-    assert [e.to_dict() for e in host.log] == [e.to_dict() for e in eager.log]
+                    RuntimeConfig(kernels="reference", page_table=page_table), seed=4)
+    with engine.session(seed=7) as session:
+        blocks = [session.step() for _ in range(FRAMES // 3)]
+        usage = engine.memory_usage()
+        assert usage["backend"] == page_table
+        # the device tier is the staging of top_k + one block; most of the history is on the host
+        assert usage["gpu_pages_used"] == (MEMORY["top_k"] + 3) * TINY.num_layers
+        assert usage["host_pages_used"] > usage["gpu_pages_used"]
+    assert engine.memory_usage()["pages_used"] == 0   # the session gave its pages back
+    host = torch.cat([b.latents for b in blocks], dim=1)
+    torch.testing.assert_close(host, eager.latents, rtol=0, atol=0)
+    assert [b.log.to_dict() for b in blocks] == [e.to_dict() for e in eager.log]
 
 
 def test_host_tier_needs_a_budget():

@@ -2,20 +2,23 @@
 
 Core machine: the C++ page tables with both tiers simulated as lists of content tags;
 every copy plan is executed and each stream's pages must read back exactly its own tags.
-Store machine: PagedHistoryStore on CPU tensors (both tiers are CPU tensors, so the
-spill/prefetch copies run) against a plain per-stream list of the appended K/V.
+Store machine: sessions (HistoryStores) opening, appending, dropping and closing on one
+PagePool of CPU chunks, on both page-table backends, against a plain per-stream list of
+the appended K/V and a count of the pool's pages.
 """
+import math
 import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lrag_engine.memory import _ext
+from lrag_engine.memory.history import HistoryFullError, HistoryStore, PagePool
 
-pytestmark = pytest.mark.skipif(not _ext.extension_available(), reason=str(_ext.missing_reason()))
+needs_cpp = pytest.mark.skipif(not _ext.extension_available(), reason=str(_ext.missing_reason()))
 
 SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -152,126 +155,184 @@ class CoreMachine(RuleBasedStateMachine):
         self.mem.check_invariants()
 
 
-TestCoreMachine = CoreMachine.TestCase
+TestCoreMachine = needs_cpp(CoreMachine.TestCase)
 TestCoreMachine.settings = SETTINGS
 
 
 class StoreMachine(RuleBasedStateMachine):
-    """PagedHistoryStore (CPU tiers) against per-stream lists of appended K/V."""
+    """Sessions on one PagePool (CPU chunks) against per-stream lists of appended K/V.
 
-    L, B, N, H, D, DD = 2, 2, 3, 2, 4, 5
+    The model knows the pool's page budgets and every open session's frames, so it
+    predicts each append's outcome on its own: fits, drops the fewest oldest frames of
+    that session, or raises HistoryFullError with nothing changed.
+    """
 
-    def __init__(self):
-        super().__init__()
-        self.store = None
+    TABLE = "python"
+    N, H, D, DD = 2, 1, 3, 2
 
-    @rule(gpu_frames=st.integers(1, 3), host_frames=st.integers(0, 4),
-          policy=st.sampled_from(["error", "drop_oldest"]))
-    @precondition(lambda self: self.store is None)
-    def create(self, gpu_frames, host_frames, policy):
-        from lrag_engine.memory.paged import PagedHistoryStore
-        frame_bytes = 2 * self.L * self.B * self.N * self.H * self.D * 4
-        self.store = PagedHistoryStore(self.L, self.B, self.N, self.H, self.D, self.DD, torch.float32,
-                                       gpu_budget_bytes=gpu_frames * frame_bytes,
-                                       host_budget_bytes=host_frames * frame_bytes, overflow_policy=policy)
-        self.frames = [[] for _ in range(self.B)]  # per stream: (k [L, N, H, D], v, desc [Dd])
-        self.forks = {}
+    @initialize(layers=st.integers(1, 2), chunk=st.integers(1, 4),
+                gpu=st.integers(-1, 8).map(lambda n: None if n < 0 else n), host=st.integers(0, 8),
+                sessions=st.lists(st.tuples(st.integers(1, 2), st.sampled_from(["error", "drop_oldest"])),
+                                  min_size=1, max_size=2))
+    def create(self, layers, chunk, gpu, host, sessions):
+        self.pool = PagePool(layers, self.N, self.H, self.D, torch.float32, "cpu", gpu_pages=gpu, host_pages=host,
+                             chunk_pages=chunk, table=self.TABLE)
+        self.capacity = None if gpu is None else gpu + host
+        self.stores = {}   # id -> (store, per-stream lists of (k [L, N, H, D], v, desc [Dd]))
+        self.next_id = 0
+        self.chunks = []   # (k, v) data_ptr of every chunk seen so far
+        for batch, policy in sessions:
+            self.open(batch, policy)
 
-    @rule(fe=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
-    @precondition(lambda self: self.store is not None)
-    def append(self, fe, seed):
-        from lrag_engine.memory.history import HistoryFullError
+    # Rules stay enabled in every state (a rule that does nothing is cheaper for hypothesis
+    # than a precondition that leaves one rule to draw).
+    @rule(batch=st.integers(1, 2), policy=st.sampled_from(["error", "drop_oldest"]))
+    def open(self, batch, policy):
+        if len(self.stores) >= 3:
+            return
+        store = HistoryStore(self.pool, batch, self.DD, overflow_policy=policy, initial_frames=1)
+        self.stores[self.next_id] = (store, [[] for _ in range(batch)])
+        self.next_id += 1
+
+    def _pick(self, data):
+        return data.draw(st.sampled_from(sorted(self.stores))) if self.stores else None
+
+    def _used(self):
+        return sum(s.num_frames * s.pages_per_frame for s, _ in self.stores.values())
+
+    @rule(data=st.data(), fe=st.integers(1, 3), window=st.booleans(), seed=st.integers(0, 2**31 - 1))
+    def append(self, data, fe, window, seed):
+        sid = self._pick(data)
+        if sid is None:
+            return
+        store, frames = self.stores[sid]
         g = torch.Generator().manual_seed(seed)
-        k = torch.randn(self.L, self.B, fe, self.N, self.H, self.D, generator=g)
-        v = torch.randn(k.shape, generator=g)
-        desc = torch.randn(self.B, fe, self.DD, generator=g)
-        dropped = self.store.dropped_frames
+        L, B = store.num_layers, store.batch
+        desc = torch.randn(B, fe, self.DD, generator=g)
+        if window:   # evicted from a window of fe + 2 slots, in a shuffled slot order
+            w = fe + 2
+            wk, wv = torch.randn(L, B, w, self.N, self.H, self.D, generator=g), torch.randn(
+                L, B, w, self.N, self.H, self.D, generator=g)
+            slots = torch.randperm(w, generator=g)[:fe].tolist()
+            k, v = wk[:, :, slots], wv[:, :, slots]
+            call = lambda: store.append_window(wk, wv, slots, desc)   # noqa: E731
+        else:
+            k = torch.randn(L, B, fe, self.N, self.H, self.D, generator=g)
+            v = torch.randn(k.shape, generator=g)
+            call = lambda: store.append(k, v, desc)   # noqa: E731
+        ppf, needed = store.pages_per_frame, fe * store.pages_per_frame
+        free = None if self.capacity is None else self.capacity - self._used()
+        drop = 0
+        if free is not None and needed > free:
+            drop = math.ceil((needed - free) / ppf)
+            if store.overflow_policy == "error" or drop > store.num_frames:
+                drop = None
+        dropped_before = store.dropped_frames
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                self.store.append(k, v, desc)
-            except HistoryFullError:
-                usage = self.store.usage()
-                assert self.store.overflow_policy == "error" or self.forks or \
-                    fe * self.B * self.L > usage["gpu_capacity"] + usage["host_capacity"]
-                assert self.store.dropped_frames == dropped
-                return  # contents unchanged: checked by the invariant
-        first_drop = dropped == 0
-        dropped = self.store.dropped_frames - dropped
-        warned = [w for w in caught if "dropping" in str(w.message)]
-        # One warning when dropping starts, none for the drops after it.
-        assert bool(warned) == (dropped > 0 and first_drop), f"dropped {dropped} frame(s) with warnings {warned}"
-        assert dropped == 0 or self.store.overflow_policy == "drop_oldest"
-        for b in range(self.B):
-            del self.frames[b][:dropped]
-            self.frames[b] += [(k[:, b, f].clone(), v[:, b, f].clone(), desc[b, f]) for f in range(fe)]
+            if drop is None:
+                usage = self.pool.usage()
+                with pytest.raises(HistoryFullError):
+                    call()
+                event(f"history full ({store.overflow_policy})")
+                assert self.pool.usage() == usage and store.dropped_frames == dropped_before
+                assert not caught
+                return   # contents unchanged: checked by the invariant
+            call()
+        warned = [w for w in caught if "dropping the oldest" in str(w.message)]
+        # one warning when this session starts dropping, none for its later drops
+        assert len(warned) == (1 if drop and dropped_before == 0 else 0), (drop, dropped_before, warned)
+        assert store.dropped_frames - dropped_before == drop
+        event("dropped" if drop else "appended")
+        for b in range(B):
+            del frames[b][:drop]
+            frames[b] += [(k[:, b, f].clone(), v[:, b, f].clone(), desc[b, f]) for f in range(fe)]
 
     @rule(data=st.data())
-    @precondition(lambda self: self.store is not None and self.store.num_frames > 0)
     def page_ids(self, data):
-        n = self.store.num_frames
-        kmax = max(1, self.store.usage()["gpu_capacity"] // (self.B * self.L))
+        sid = self._pick(data)
+        if sid is None:
+            return
+        store, frames = self.stores[sid]
+        n = store.num_frames
         rows = []
-        for _ in range(self.B):
-            frames = data.draw(st.lists(st.integers(0, n - 1), max_size=min(kmax, n), unique=True))
-            rows.append(data.draw(st.permutations(frames + [-1] * (kmax - len(frames)))))
+        for _ in range(store.batch):
+            ids = data.draw(st.lists(st.integers(0, n - 1), max_size=min(n, 3), unique=True)) if n else []
+            rows.append(data.draw(st.permutations(ids + [-1] * (3 - len(ids)))))
         ids = torch.tensor(rows, dtype=torch.int64)
-        pages = self.store.page_ids(ids)
-        assert pages.shape == (self.L, self.B, kmax)
-        seen = {}
-        for b in range(self.B):
+        pages = store.page_ids(ids)
+        assert pages.shape == (store.num_layers, store.batch, 3)
+        for b in range(store.batch):
             for j, f in enumerate(ids[b].tolist()):
                 if f < 0:
                     assert (pages[:, b, j] == -1).all()
                     continue
-                for layer in range(self.L):
-                    p = int(pages[layer, b, j])
-                    assert p not in seen, f"page {p} returned for {seen.get(p)} and {(b, f, layer)}"
-                    seen[p] = (b, f, layer)
-                    assert torch.equal(self.store.pool_k[p], self.frames[b][f][0][layer])
-                    assert torch.equal(self.store.pool_v[p], self.frames[b][f][1][layer])
-
-    @rule(stream=st.integers(0, 1))
-    @precondition(lambda self: self.store is not None)
-    def fork(self, stream):
-        child = self.store.fork(stream)
-        self.forks[child] = list(self.frames[stream])
+                k, v = self.pool.read(pages[:, b, j])
+                assert torch.equal(k, frames[b][f][0]) and torch.equal(v, frames[b][f][1])
 
     @rule(data=st.data())
-    @precondition(lambda self: self.store is not None and self.forks)
-    def free_fork(self, data):
-        child = data.draw(st.sampled_from(sorted(self.forks)))
-        self.store.free_stream(child)
-        del self.forks[child]
+    def close(self, data):
+        sid = self._pick(data)
+        if sid is None:
+            return
+        store, frames = self.stores.pop(sid)
+        used = self.pool.usage()["pages_used"]
+        store.close()
+        assert self.pool.usage()["pages_used"] == used - store.pages_per_frame * len(frames[0])
+        store.close()   # idempotent
+        with pytest.raises(RuntimeError, match="closed"):
+            store.page_ids(torch.zeros(store.batch, 1, dtype=torch.int64))
 
     @invariant()
     def contents_match(self):
-        if self.store is None:
-            return
-        self.store._mem.check_invariants()
-        n = self.store.num_frames
-        assert all(len(f) == n for f in self.frames)
-        for f in range(n):
-            k, v = self.store.frame_kv(f)
-            for b in range(self.B):
-                assert torch.equal(k[:, b], self.frames[b][f][0]) and torch.equal(v[:, b], self.frames[b][f][1])
-        if n:
-            expected = torch.stack([torch.stack([fr[2] for fr in self.frames[b]]) for b in range(self.B)])
-            assert torch.equal(self.store.descriptors(), expected)
-        for child, frames in self.forks.items():
-            assert self.store.stream_num_frames(child) == len(frames)
-            for f, (k, v, _) in enumerate(frames):
-                ck, cv = self.store.stream_frame_kv(child, f)
-                assert torch.equal(ck, k) and torch.equal(cv, v)
+        pool = self.pool
+        pool.table.check_invariants()
+        usage = pool.usage()
+        assert usage["pages_used"] == self._used() and usage["sessions"] == len(self.stores)
+        if self.capacity is not None:
+            assert usage["gpu_bytes_reserved"] <= pool.gpu_cap * pool.page_bytes
+            assert usage["host_bytes_reserved"] <= pool.host_cap * pool.page_bytes
+            assert pool.free_pages() == self.capacity - self._used()
+        chunks = [(k.data_ptr(), v.data_ptr()) for k, v in zip(pool.k_chunks, pool.v_chunks)]
+        assert chunks[:len(self.chunks)] == self.chunks, "a chunk moved"
+        self.chunks = chunks
+        owned = set()
+        for store, frames in self.stores.values():
+            n = store.num_frames
+            assert all(len(f) == n for f in frames)
+            table_addresses = [[[pool.address(loc) for loc in pool.table.locations(s, f)] for f in range(n)]
+                               for s in store.usage()["streams"]]
+            assert store.page_addresses().tolist() == table_addresses
+            addresses = store.page_addresses().flatten().tolist()
+            assert owned.isdisjoint(addresses) and len(set(addresses)) == len(addresses)
+            owned.update(addresses)
+            for f in range(n):
+                k, v = store.frame_kv(f)
+                for b in range(store.batch):
+                    assert torch.equal(k[:, b], frames[b][f][0]) and torch.equal(v[:, b], frames[b][f][1])
+            if n:
+                expected = torch.stack([torch.stack([fr[2] for fr in frames[b]]) for b in range(store.batch)])
+                assert torch.equal(store.descriptors(), expected)
 
     def teardown(self):
-        if self.store is None:
-            return
-        for child in list(self.forks):
-            self.store.free_stream(child)
-        usage = self.store.usage()
-        assert usage["pages_used"] == self.store.num_frames * self.B * self.L, "pages leaked by forks"
+        for store, _ in self.stores.values():
+            store.close()
+        usage = self.pool.usage()
+        assert usage["pages_used"] == usage["gpu_pages_used"] == usage["host_pages_used"] == 0, "pages leaked"
+        assert usage["sessions"] == usage["streams"] == 0
+        self.pool.table.check_invariants()
 
 
-TestStoreMachine = StoreMachine.TestCase
-TestStoreMachine.settings = SETTINGS
+class PythonStoreMachine(StoreMachine):
+    TABLE = "python"
+
+
+class CppStoreMachine(StoreMachine):
+    TABLE = "cpp"
+
+
+STORE_SETTINGS = settings(SETTINGS, max_examples=80)
+TestStoreMachinePython = PythonStoreMachine.TestCase
+TestStoreMachinePython.settings = STORE_SETTINGS
+TestStoreMachineCpp = needs_cpp(CppStoreMachine.TestCase)
+TestStoreMachineCpp.settings = STORE_SETTINGS

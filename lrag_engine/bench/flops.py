@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from lrag_engine.config import MemoryConfig, ModelConfig
+from ..config import MemoryConfig, ModelConfig
+
 
 def forward_flops(cfg: ModelConfig, batch: int, frames: int, context_frames: int) -> dict:
     """FLOPs of one DiT forward over one block (a multiply-add counts 2).

@@ -1,0 +1,195 @@
+"""Session: the per-stream state of a generation on a shared :class:`~lrag_engine.Engine`.
+
+A session is one stream, or a lockstep batch of streams, at its own position: its
+window, its history pages (taken from the engine's page pool and given back on
+``close``), its retrieval state, text K/V, generators and log. The engine holds what
+sessions share (model, RoPE tables, kernels, attention backend, static forwards and
+the page pool). Sessions may take turns block by block on one engine:
+
+    with engine.session(batch_size=1, seed=3) as s:
+        for _ in range(8):
+            out = s.step()          # BlockOutput: latents [B, F, C, H, W], deferred log
+
+A static forward touches no per-session object: it reads and writes only the
+workspace's buffers (context, block RoPE, text K/V, recache staging), which the
+session fills before it (splice, text load) and drains after it (staging -> its
+window). So the forward of a context signature is one function that any session, or
+later a batch of sessions side by side, can run. (An eager forward writes the
+recache K/V straight into the session's window instead, saving that copy.)
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import torch
+
+from .config import MemoryConfig
+from .memory.cache import RetrievalCache
+from .memory.retrieval import BlockLog
+from .schedule import predict_x0, renoise as renoise_step
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class BlockOutput:
+    """One finished block.
+
+    latents: [B, F, C, H, W] float32 on the engine's device (``.cpu()`` when needed: the
+        engine itself never waits for the device inside the block loop).
+    log: the block's retrieval log, read from the device on first access.
+    seconds: host time spent enqueueing the block (on CUDA not the device time).
+    """
+
+    def __init__(self, block: int, frames: tuple[int, int], latents: torch.Tensor,
+                 log: Callable[[], BlockLog], seconds: float) -> None:
+        self.block, self.frames, self.latents, self.seconds = block, frames, latents, seconds
+        self._log_fn, self._log = log, None
+
+    @property
+    def log(self) -> BlockLog:
+        if self._log is None:
+            self._log = self._log_fn()
+        return self._log
+
+
+class Session:
+    """Per-stream state over a shared engine; made by :meth:`Engine.session`.
+
+    The noise rule (``Engine.stream`` documents it) is the session's: a CPU generator
+    seeded with ``seed`` first draws the seed of the device re-noise generator, then the
+    initial noise of each block as the block starts.
+    """
+
+    def __init__(self, engine: "Engine", batch: int, text: torch.Tensor, seed: int, memory: MemoryConfig) -> None:
+        self.engine = engine
+        self.batch = batch
+        self.memory = memory
+        self.seed = seed
+        cfg, rt = engine.model_config, engine.runtime
+        self.frames_per_block = memory.frames_per_block
+        self.cache = RetrievalCache(memory, cfg.num_layers, batch, cfg.tokens_per_frame, cfg.num_heads,
+                                    cfg.head_dim, engine.descriptor, engine.tables, engine.attend, engine.dtype,
+                                    engine.device, kernels=rt.kernels,
+                                    refetch_per_forward=rt.retrieval_fetch == "per_forward",
+                                    pool=engine.page_pool(batch) if memory.top_k > 0 else None,
+                                    workspace=engine.workspace(batch),
+                                    page_table=engine.page_table)
+        with torch.inference_mode():
+            self.cross_kv = engine.model.encode_text(text.to(engine.device, engine.dtype))
+        self.noise_generator = torch.Generator().manual_seed(seed)
+        renoise_seed = int(torch.randint(2 ** 63 - 1, (), generator=self.noise_generator))
+        self.generator = torch.Generator(engine.device).manual_seed(renoise_seed)
+        f = self.frames_per_block
+        self._step_t = [torch.full((batch, f), t, device=engine.device) for t in engine.schedule.timesteps]
+        self._zero_t = torch.zeros(batch, f, device=engine.device)
+        self._seen: set[tuple] = set()   # context signatures this session has run
+        self.block = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    def position(self) -> int:
+        """Frames generated so far (the first frame of the next block)."""
+        return self.block * self.frames_per_block
+
+    @property
+    def history(self):
+        """This session's history store (descriptors, page addresses, usage)."""
+        return self.cache.history
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Ends the session: settles its side stream and gives its history pages back to
+        the engine's pool. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.cache.close()
+        if self.cache.workspace.owner is self:
+            self.cache.workspace.owner = None
+
+    # ------------------------------------------------------------------ one block
+    def draw_noise(self) -> torch.Tensor:
+        """The next block's initial noise [B, F, C, H, W] from the session's generator."""
+        cfg = self.engine.model_config
+        pinned = self.engine.device.type == "cuda"
+        drawn = torch.randn(self.batch, self.frames_per_block, cfg.in_channels, cfg.height, cfg.width,
+                            generator=self.noise_generator, pin_memory=pinned)
+        return drawn.to(self.engine.device, non_blocking=True)
+
+    def step(self, noise: torch.Tensor | None = None, renoise: Sequence[torch.Tensor] | None = None,
+             prefetch_next: bool = True) -> BlockOutput:
+        """Generate the next block.
+
+        noise: its initial noise [B, F, C, H, W] on the engine's device (default: drawn
+            from the session's generator). renoise: one [B, F, C, H, W] per non-final step
+            (default: drawn on the device). Inputs are trusted here: ``Engine.stream``
+            validates a whole run's inputs up front.
+        prefetch_next: start the next block's search on the side stream after this one.
+        """
+        if self.closed:
+            raise RuntimeError("Session.step: the session is closed")
+        engine, cache = self.engine, self.cache
+        f = self.frames_per_block
+        start = time.perf_counter()
+        if noise is None:
+            noise = self.draw_noise()
+        sigmas = engine.schedule.sigmas
+        renoise_iter = iter(renoise) if renoise is not None else None
+        cfg = engine.model_config
+        with torch.inference_mode():
+            log = cache.begin_block(f)
+            x = noise
+            for i, sigma in enumerate(sigmas):
+                flow = self._forward(x, self._step_t[i], recache=False)
+                x0 = predict_x0(x, flow, sigma)
+                if i + 1 < len(sigmas):
+                    if renoise_iter is not None:
+                        fresh = next(renoise_iter)
+                    else:
+                        fresh = torch.randn(self.batch, f, cfg.in_channels, cfg.height, cfg.width,
+                                            generator=self.generator, device=engine.device)
+                    x = renoise_step(x0, fresh, sigmas[i + 1])
+            cache.end_block(x0)
+            self._forward(x0, self._zero_t, recache=True)
+            cache.finish_recache()
+            self._seen.add(cache.signature)
+            if prefetch_next:
+                cache.start_retrieval()   # overlaps with the recache pass on CUDA
+        block = self.block
+        self.block += 1
+        return BlockOutput(block, (block * f, (block + 1) * f), x0, log, time.perf_counter() - start)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, recache: bool) -> torch.Tensor:
+        engine, cache = self.engine, self.cache
+        graphs = engine.graphs
+        signature = cache.signature
+        key = (self.batch, signature, recache)
+        # A signature runs as a static forward once it repeats (the blocks before the
+        # window fills each have their own and run eagerly, never captured), or at once
+        # when an earlier session built that forward.
+        if graphs is None or (key not in graphs and signature not in self._seen):
+            return engine.model(x, t, self.cross_kv, cache.attention(recache=recache))
+        workspace = cache.workspace
+        workspace.load_text(self, self.cross_kv)
+        attention = cache.attention(recache=recache, static=True)
+        model, cross_kv = engine.model, workspace.cross_kv
+        forward = graphs.get(key, lambda: (lambda x, t: model(x, t, cross_kv, attention)))
+        return forward(x=x, t=t)
+
+    def run(self, num_blocks: int, noise: Iterator[torch.Tensor] | None = None,
+            renoise: Sequence[torch.Tensor] | None = None) -> Iterator[BlockOutput]:
+        """``num_blocks`` blocks, each yielded when done. noise: an iterator of per-block
+        initial noise (default: drawn); renoise: block-major, (steps - 1) per block."""
+        steps = len(self.engine.schedule) - 1
+        for i in range(num_blocks):
+            block_renoise = None if renoise is None else renoise[i * steps:(i + 1) * steps]
+            yield self.step(None if noise is None else next(noise), block_renoise,
+                            prefetch_next=i + 1 < num_blocks)
