@@ -105,6 +105,8 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "triton==3.6.0", "pybind11>=2.12", "nvidia-ml-py"],
         "gpu": ["triton", "nvidia-ml-py"],
+        # WanTransformer3DModel integration (lrag_engine.integrations.diffusers)
+        "diffusers": ["diffusers>=0.33"],
     },
     package_data={"lrag_engine.encoder": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["lrag-engine=lrag_engine.cli:main"]},

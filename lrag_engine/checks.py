@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .config import MemoryConfig, ModelConfig
+from .config import MemoryConfig, ModelConfig, RuntimeConfig
 from .memory.budget import HistoryBudget
 from .memory.history import HistoryFullError
 
@@ -135,3 +135,19 @@ def check_history_budget(memory: MemoryConfig, cfg: ModelConfig, dtype: torch.dt
             f"{num_frames} frames evict {needed} frames into the history, but the budgets hold "
             f"{capacity} frames of {budget.frame_bytes} bytes; raise {names}, "
             "generate fewer frames, or set overflow_policy='drop_oldest'")
+
+
+def runtime_for_weights(device: torch.device, dtype: torch.dtype, runtime: RuntimeConfig | None,
+                        what: str = "model") -> RuntimeConfig:
+    """The RuntimeConfig of an already-built network on ``device`` with ``dtype`` weights:
+    ``runtime`` when it agrees with them (a bare "cuda" matches any CUDA device), else a
+    ValueError naming the disagreement; None gives one on that device and dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if runtime is None:
+        return RuntimeConfig(device=str(device), dtype=name)
+    wanted = torch.device(runtime.device)
+    if wanted != device and not (wanted.type == device.type == "cuda" and wanted.index is None):
+        raise ValueError(f"RuntimeConfig.device={runtime.device!r} but the {what} is on {device}")
+    if runtime.torch_dtype != dtype:
+        raise ValueError(f"RuntimeConfig.dtype={runtime.dtype!r} but the {what}'s weights are {name}")
+    return runtime

@@ -87,6 +87,15 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
         return dataclasses.replace(MODEL_PRESETS[name], **overrides)
 
+    @classmethod
+    def from_json(cls, source, height: int | None = None, width: int | None = None,
+                  text_len: int | None = None) -> "ModelConfig":
+        """From a diffusers ``WanTransformer3DModel`` or original Wan 2.1 ``config.json`` (a path,
+        a folder holding one, or a dict); the latent ``height``/``width`` are not in these files.
+        See :func:`lrag_engine.models.layouts.model_config_from_json`."""
+        from .models.layouts import model_config_from_json
+        return model_config_from_json(source, height=height, width=width, text_len=text_len)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -71,7 +71,7 @@ class Engine:
             if not isinstance(getattr(built, "config", None), ModelConfig):
                 raise TypeError(f"model must be a WanModel (a module with a ModelConfig .config), got "
                                 f"{type(built).__name__}")
-            runtime = self._runtime_for(built, runtime)
+            runtime = checks.runtime_for_weights(built.device, built.dtype, runtime)
             if checkpoint is not None or lora is not None:
                 raise ValueError("checkpoint/lora load weights into a model the engine builds; for an "
                                  "already-built WanModel load them first (lrag_engine.models.checkpoint."
@@ -157,19 +157,6 @@ class Engine:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Engine.from_model needs a WanModel, got {type(model).__name__}")
         return cls(model, memory=memory, runtime=runtime, **options)
-
-    @staticmethod
-    def _runtime_for(model: WanModel, runtime: RuntimeConfig | None) -> RuntimeConfig:
-        dtype = str(model.dtype).removeprefix("torch.")
-        if runtime is None:
-            return RuntimeConfig(device=str(model.device), dtype=dtype)
-        if torch.device(runtime.device) != model.device and not (
-                torch.device(runtime.device).type == model.device.type == "cuda"
-                and torch.device(runtime.device).index is None):
-            raise ValueError(f"RuntimeConfig.device={runtime.device!r} but the model is on {model.device}")
-        if runtime.torch_dtype != model.dtype:
-            raise ValueError(f"RuntimeConfig.dtype={runtime.dtype!r} but the model's weights are {dtype}")
-        return runtime
 
     # ------------------------------------------------------------------ shared state
     def workspace(self, batch: int) -> Workspace:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import torch
 
 from .config import MemoryConfig
-from .memory.cache import RetrievalCache
+from .attention.retrieval import RetrievalAttention
 from .memory.retrieval import BlockLog
 from .schedule import predict_x0, renoise as renoise_step
 
@@ -69,13 +69,14 @@ class Session:
         self.seed = seed
         cfg, rt = engine.model_config, engine.runtime
         self.frames_per_block = memory.frames_per_block
-        self.cache = RetrievalCache(memory, cfg.num_layers, batch, cfg.tokens_per_frame, cfg.num_heads,
-                                    cfg.head_dim, engine.descriptor, engine.tables, engine.attend, engine.dtype,
-                                    engine.device, kernels=rt.kernels,
-                                    refetch_per_forward=rt.retrieval_fetch == "per_forward",
-                                    pool=engine.page_pool(batch) if memory.top_k > 0 else None,
-                                    workspace=engine.workspace(batch),
-                                    page_table=engine.page_table)
+        # The engine's Wan model goes through the same public seam as any other backbone.
+        self.cache = RetrievalAttention(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.tokens_per_frame, memory,
+                                        positions=engine.tables, batch=batch, descriptor=engine.descriptor,
+                                        dtype=engine.dtype, device=engine.device, attention_backend=engine.attend,
+                                        kernels=rt.kernels, page_table=engine.page_table,
+                                        pool=engine.page_pool(batch) if memory.top_k > 0 else None,
+                                        workspace=engine.workspace(batch),
+                                        refetch_per_forward=rt.retrieval_fetch == "per_forward")
         with torch.inference_mode():
             self.cross_kv = engine.model.encode_text(text.to(engine.device, engine.dtype))
         self.noise_generator = torch.Generator().manual_seed(seed)

@@ -50,8 +50,11 @@ class BlockAttention:
     refetch: Callable[[int], None] | None = None  # baseline: reload retrieved K/V per layer
     stage_k: torch.Tensor | None = None     # [L, B, F*N, H, D]
     stage_v: torch.Tensor | None = None
+    on_store: Callable[[int], None] | None = None   # told each layer whose window K/V were stored
+    current: Callable[[], bool] | None = None       # False once its block is over (eager callables)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self._check(layer, q, k, v)
         if self.refetch is not None:
             self.refetch(layer)
         n_block = q.shape[1]
@@ -65,11 +68,41 @@ class BlockAttention:
             frames = self.block_slots.shape[0]
             self.window_k[layer].index_copy_(1, self.block_slots, k.reshape(b, frames, -1, h, d))
             self.window_v[layer].index_copy_(1, self.block_slots, v.reshape(b, frames, -1, h, d))
+            if self.on_store is not None:
+                self.on_store(layer)
         if self.stage_k is not None:
             self.stage_k[layer].copy_(k)
             self.stage_v[layer].copy_(v)
         q_rot = apply_rope_ref(q, self.block_cos, self.block_sin)
         return self.attend(q_rot, ctx_k[:, :end], ctx_v[:, :end])
+
+
+    def _check(self, layer, q, k, v) -> None:
+        """Names the argument and the expected shape/dtype/layout; host-side metadata only."""
+        if self.current is not None and not self.current():
+            raise RuntimeError("attention: this self_attention callable belongs to a block that is over (or a "
+                               "closed attention); get a new one with attention(recache=...) after begin_block")
+        num_layers, batch, _, heads, head_dim = self.context.k.shape
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ValueError(f"attention: layer must be an int in [0, {num_layers}), got {layer!r}")
+        tokens = self.block_cos.shape[0]
+        want = (batch, tokens, heads, head_dim)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != want:
+                hint = ""
+                if t.dim() == 4 and tuple(t.shape) == (batch, heads, tokens, head_dim):
+                    hint = " (it looks like [B, H, L, D]: pass [B, L, H, D], e.g. x.transpose(1, 2))"
+                elif t.dim() == 4 and t.shape[0] != batch:
+                    hint = f" (batch {t.shape[0]}, but this attention was built for batch {batch})"
+                raise ValueError(f"attention: {name} must be [B={batch}, L={tokens} (frames x tokens per frame), "
+                                 f"H={heads}, D={head_dim}], got {list(t.shape)}{hint}")
+            if t.dtype != self.context.k.dtype:
+                raise ValueError(f"attention: {name} dtype {t.dtype} differs from the cache's "
+                                 f"{self.context.k.dtype}")
+            if t.device != self.context.k.device:
+                raise ValueError(f"attention: {name} is on {t.device}, the cache on {self.context.k.device}")
 
 
 def block_rope(tables: RopeTables, positions: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,6 +147,11 @@ class RetrievalCache:
         self._refetch: list | None = None
         self._refetch_rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._staged = False
+        # Block protocol state: the previous block must have run end_block and a recache
+        # pass over every layer before the next begin_block.
+        self._ended = True
+        self._recached: set[int] | None = None      # layers the recache pass stored
+        self.closed = False
         self._pending: tuple[RetrievalResult, torch.cuda.Event | None] | None = None
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._descriptors_ready = torch.cuda.Event() if self._side_stream is not None else None
@@ -169,6 +174,9 @@ class RetrievalCache:
     def start_retrieval(self) -> None:
         """Run the next block's search now (after ``end_block``). On CUDA it goes to a side
         stream, so it overlaps with whatever the caller enqueues next (the recache pass)."""
+        if self._placement is not None and not self._ended:
+            raise RuntimeError("start_retrieval: the current block has no descriptors yet; call it after "
+                               "end_block(clean) (the search uses the newest frame as its query)")
         if self._side_stream is None or self.query is None:
             self._pending = (self._search(), None)
             return
@@ -189,9 +197,28 @@ class RetrievalCache:
         self._pending = None
 
     def close(self) -> None:
-        """Settle the side stream and give the history's pages back to the pool."""
+        """Settle the side stream and give the history's pages back to the pool. Idempotent."""
         self.settle()
         self.history.close()
+        self.closed = True
+
+    def _check_protocol(self) -> None:
+        """The previous block must have finished: ``end_block`` and a recache pass."""
+        if self.closed:
+            raise RuntimeError("begin_block: this retrieval attention is closed")
+        if self.block_index == 0:
+            return
+        block = self.block_index - 1
+        if not self._ended:
+            raise RuntimeError(f"begin_block: end_block(clean) was not called for block {block}; without it "
+                               "the block's frames get no descriptors and retrieval never finds them")
+        layers = self.window.k.shape[0]
+        done = self._recached if self._recached is not None else set()
+        if len(done) != layers:
+            missing = sorted(set(range(layers)) - done)
+            raise RuntimeError(f"begin_block: the recache pass of block {block} did not run for layers {missing}: "
+                               "call the backbone on the clean block with attention(recache=True) (every layer) "
+                               "before the next block, or the window keeps zeros for those frames")
 
     # ------------------------------------------------------------------ block start
     def begin_block(self, frames: int) -> Callable[[], BlockLog]:
@@ -201,6 +228,8 @@ class RetrievalCache:
         if frames != self.memory.frames_per_block:
             raise ValueError(f"begin_block: frames must be frames_per_block={self.memory.frames_per_block}, "
                              f"got {frames}")
+        self._check_protocol()
+        self.finish_recache()
         if self._pending is None:
             self.start_retrieval()
         result, done = self._pending
@@ -232,6 +261,7 @@ class RetrievalCache:
         self._placement = placement
         self._splice_window(layout, placement)
         self.block_index += 1
+        self._ended, self._recached = False, None
         return log
 
     def _layout(self, placement: BlockPlacement, retrieved: int) -> _Layout:
@@ -301,21 +331,30 @@ class RetrievalCache:
         pass (``recache=True``) also stores the block's un-rotated K/V into the window
         (``static``: into the workspace's staging area, which :meth:`finish_recache` then
         copies into the window; what a static forward shared by sessions can address)."""
+        if self.closed:
+            raise RuntimeError("attention: this retrieval attention is closed")
         if self._placement is None:
-            raise RuntimeError("RetrievalCache.attention called before begin_block")
+            raise RuntimeError("attention: called before begin_block")
         cos, sin = self._block_rope
         refetch = self._refetch_layer if self._refetch is not None else None
         if static and refetch is not None:
             raise ValueError("RetrievalCache.attention: static forwards cannot refetch per forward")
         self._staged = recache and static
+        if recache:
+            # A static forward replays without Python: its recache pass stores every layer.
+            self._recached = set(range(self.window.k.shape[0])) if static else set()
         if recache and static:
             ws = self.workspace
             return BlockAttention(self.context, self._context_frames, cos, sin, self.attend,
                                   stage_k=ws.stage_k, stage_v=ws.stage_v)
-        window = dict(window_k=self.window.k, window_v=self.window.v, block_slots=self.block_slots) \
-            if recache else {}
+        window = dict(window_k=self.window.k, window_v=self.window.v, block_slots=self.block_slots,
+                      on_store=self._recached.add) if recache else {}
+        # An eager callable serves this block only; a static forward's (built once, replayed
+        # by later blocks and sessions) is never checked.
+        block = self.block_index
+        current = None if static else (lambda: self.block_index == block and not self.closed)
         return BlockAttention(self.context, self._context_frames, cos, sin, self.attend, refetch=refetch,
-                              **window)
+                              current=current, **window)
 
     def finish_recache(self) -> None:
         """After the recache forward: move staged block K/V into the window's slots."""
@@ -329,6 +368,14 @@ class RetrievalCache:
     # ------------------------------------------------------------------ block end
     def end_block(self, clean: torch.Tensor) -> None:
         """clean [B, F, C, H, W]: the block's output; its descriptors index the frames."""
+        if self._placement is None or self._ended:
+            raise RuntimeError("end_block: no block is running (call begin_block first, and end_block once "
+                               "per block)")
+        frames = self.memory.frames_per_block
+        if not isinstance(clean, torch.Tensor) or clean.dim() < 3 or clean.shape[:2] != (self.batch, frames):
+            got = tuple(clean.shape) if isinstance(clean, torch.Tensor) else type(clean).__name__
+            raise ValueError(f"end_block: clean must be the block's output [B={self.batch}, F={frames}, C, ...], "
+                             f"got {got}")
         b, f = clean.shape[:2]
         desc = self.descriptor(clean.flatten(0, 1)).float()
         if desc.shape != (b * f, self.descriptor.dim):
@@ -337,5 +384,6 @@ class RetrievalCache:
         desc = desc.view(b, f, -1)
         self.window.descriptors.index_copy_(1, self.block_slots, desc)
         self.query = desc[:, -1]
+        self._ended = True
         if self._descriptors_ready is not None:
             self._descriptors_ready.record()

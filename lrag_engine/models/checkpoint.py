@@ -9,12 +9,19 @@ every key starts with ``model.`` therefore reads as the ``model`` entry (same we
 Selection rule when several entries exist: ``generator_ema``, else ``generator``, else
 ``model``, else the bare dict; ``key=`` overrides it.
 
+Parameter names: the Wan naming, or diffusers' ``WanTransformer3DModel`` naming, told apart
+by the keys and renamed on load (:mod:`lrag_engine.models.layouts`; ``naming=`` forces one).
+A checkpoint is a file, a sharded one (its ``*.safetensors.index.json``), or a folder: a
+diffusers ``transformer/`` folder (``diffusion_pytorch_model.safetensors`` or its sharded
+index), a diffusers pipeline folder (its ``transformer/``), or a folder holding one checkpoint file.
+
 Files are read by :func:`lrag_engine.safe_load.load_tensor_file`: no pickled code runs, and
 an unreadable or unsafe file raises a ValueError naming it. :func:`check_checkpoint_shapes`
 compares a checkpoint's shapes (header only) with a ``ModelConfig`` before any model is built.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 
 from ..config import MODEL_PRESETS, ModelConfig
 from ..safe_load import load_tensor_file, read_safetensors_shapes
+from .layouts import DIFFUSERS, NAMINGS, WAN, LayoutError, detect_naming, diffusers_to_wan
 from .wan import WanModel
 
 LAYOUTS = ("generator_ema", "generator", "model")
@@ -36,6 +44,9 @@ _LORA_PREFIXES = ("model.", "module.", "base_model.model.")
 # peft names the adapter between lora_A/B and weight (".default.") unless it was stripped.
 _LORA_PATTERN = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 _LIST_LIMIT = 10
+CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".safetensors")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 
 
 class CheckpointKeyError(KeyError):
@@ -52,13 +63,101 @@ def _short_list(names: list[str]) -> str:
 
 
 # ------------------------------------------------------------------ reading
-def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict:
-    """The mapping stored in a ``.pt``/``.pth`` (``torch.load``, weights only, memory-mapped, on the
-    CPU) or ``.safetensors`` file, as stored (it may nest state dicts under layout keys).
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The tensor files of one checkpoint. ``weight_map``: for a sharded checkpoint, tensor
+    name -> shard file (from its index), else None."""
 
-    Unreadable or unsafe files raise :class:`~lrag_engine.safe_load.TensorFileError` (a ValueError).
-    """
-    path = _checked_extension(path, what)
+    path: str
+    files: tuple[str, ...]
+    weight_map: dict[str, str] | None = None
+
+
+def checkpoint_files(path: str | os.PathLike, what: str = "checkpoint") -> CheckpointFiles:
+    """Which files make up the checkpoint at ``path``: a ``.pt``/``.pth``/``.safetensors`` file,
+    a sharded checkpoint's ``*.safetensors.index.json``, or a folder holding a diffusers
+    ``diffusion_pytorch_model.safetensors`` (or its sharded index), a diffusers pipeline's
+    ``transformer/`` folder, or exactly one checkpoint file (or sharded index)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        return _folder_files(path, what)
+    if path.endswith(".index.json"):
+        return _sharded_files(path, what)
+    return CheckpointFiles(path, (_checked_extension(path, what),))
+
+
+def _folder_files(folder: str, what: str) -> CheckpointFiles:
+    names = sorted(os.listdir(folder))
+    if DIFFUSERS_INDEX in names:
+        return _sharded_files(os.path.join(folder, DIFFUSERS_INDEX), what)
+    if DIFFUSERS_WEIGHTS in names:
+        return CheckpointFiles(folder, (os.path.join(folder, DIFFUSERS_WEIGHTS),))
+    if "model_index.json" in names and os.path.isdir(os.path.join(folder, "transformer")):
+        return _folder_files(os.path.join(folder, "transformer"), what)   # a diffusers pipeline
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    weights = [n for n in names if os.path.splitext(n)[1].lower() in CHECKPOINT_EXTENSIONS
+               and os.path.isfile(os.path.join(folder, n))]
+    if len(indexes) == 1:
+        return _sharded_files(os.path.join(folder, indexes[0]), what)
+    if len(indexes) > 1 or len(weights) > 1:
+        several = indexes if len(indexes) > 1 else weights
+        raise ValueError(f"{what} folder {folder!r} holds several checkpoints {several[:_LIST_LIMIT]}; "
+                         "pass the file (or index) to load")
+    if weights:
+        return CheckpointFiles(folder, (os.path.join(folder, weights[0]),))
+    pickled = [n for n in names if n.endswith(".bin")]
+    hint = (f"; its {pickled[:3]} are pickled diffusers weights, which are not read: save them again with "
+            "save_pretrained(..., safe_serialization=True)") if pickled else ""
+    raise ValueError(f"{what} folder {folder!r} holds no checkpoint ({DIFFUSERS_WEIGHTS}, a "
+                     f"*.safetensors.index.json, or one .pt/.pth/.safetensors file); it holds "
+                     f"{names[:_LIST_LIMIT]}{hint}")
+
+
+def _sharded_files(index_path: str, what: str) -> CheckpointFiles:
+    """Shards listed by a (diffusers / transformers) ``*.safetensors.index.json``: ``{"weight_map": {name: file}}``."""
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what} index {index_path!r} is not a readable JSON file: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{what} index {index_path!r} has no weight_map {{tensor name: shard file}}")
+    folder = os.path.dirname(index_path)
+    shards = sorted(set(weight_map.values()))
+    outside = [f for f in shards if os.path.basename(f) != f or f in (".", "..")]
+    if outside:
+        raise ValueError(f"{what} index {index_path!r} names shards outside its folder: {outside[:3]}")
+    for f in shards:
+        _checked_extension(os.path.join(folder, f), f"{what} shard (listed in {index_path!r})")
+    return CheckpointFiles(index_path, tuple(os.path.join(folder, f) for f in shards),
+                           {k: os.path.join(folder, f) for k, f in weight_map.items()})
+
+
+def _read_files(files: CheckpointFiles, what: str, read) -> dict:
+    """Content of a one-file checkpoint, or the union of the shards (checked against the index)."""
+    if files.weight_map is None:
+        return read(files.files[0], what)
+    merged: dict = {}
+    for shard in files.files:
+        content = read(shard, f"{what} shard")
+        if not isinstance(content, Mapping):
+            raise ValueError(f"{what} shard {shard!r} holds a {type(content).__name__}, not a dict of tensors")
+        stray = sorted(k for k in content if files.weight_map.get(k) != shard)
+        if stray:
+            raise ValueError(f"{what} shard {shard!r} holds tensors its index {files.path!r} places elsewhere "
+                             f"or not at all: {_short_list(stray)}")
+        merged.update(content)
+    absent = sorted(set(files.weight_map) - set(merged))
+    if absent:
+        raise ValueError(f"{what} index {files.path!r} lists tensors no shard holds: {_short_list(absent)}")
+    return merged
+
+
+def _read_tensor_file(path: str, what: str) -> dict:
     # mmap keeps a 5.7 GB float32 checkpoint out of RAM until its tensors are copied.
     raw = load_tensor_file(path, what, mmap=True)
     if not isinstance(raw, Mapping):
@@ -66,12 +165,22 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     return dict(raw)
 
 
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """The mapping stored in a checkpoint (see :func:`checkpoint_files`), as stored (it may nest
+    state dicts under layout keys); the shards of a sharded checkpoint are merged. Torch files
+    are read with ``torch.load`` (weights only, memory-mapped, on the CPU).
+
+    Unreadable or unsafe files raise :class:`~lrag_engine.safe_load.TensorFileError` (a ValueError).
+    """
+    return _read_files(checkpoint_files(path, what), what, _read_tensor_file)
+
+
 def _checked_extension(path: str | os.PathLike, what: str) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".pt", ".pth", ".safetensors"):
+    if ext not in CHECKPOINT_EXTENSIONS:
         raise ValueError(f"{what} {path!r}: unknown extension {ext!r}; use .pt, .pth or .safetensors")
     return path
 
@@ -133,18 +242,43 @@ def _clean_keys(state: Mapping, what: str, prefixes: tuple[str, ...], every_key:
     return cleaned
 
 
-def extract_wan_state(raw: Mapping, key: str | None = None) -> dict[str, Tensor]:
+def extract_wan_state(raw: Mapping, key: str | None = None, naming: str = "auto") -> dict[str, Tensor]:
     """The Wan state dict (plain Wan key names) inside a checkpoint's content.
 
     ``key``: the entry to use ("generator", "generator_ema", "model", "bare" or any top-level
     name); default: ``generator_ema`` if present, else ``generator``, else ``model``, else bare.
+    ``naming``: the parameter names the entry uses, "wan" or "diffusers" (renamed to Wan's);
+    default "auto": told from the keys.
     """
-    return _extract(raw, key)[1]
+    return _extract(raw, key, naming)[2]
 
 
-def _extract(raw: Mapping, key: str | None) -> tuple[str, dict[str, Tensor]]:
+_NAMING_EXAMPLE = {WAN: "keys such as 'blocks.0.self_attn.q.weight'",
+                   DIFFUSERS: "WanTransformer3DModel keys such as 'blocks.0.attn1.to_q.weight'"}
+
+
+def _extract(raw: Mapping, key: str | None, naming: str = "auto",
+             where: str = "checkpoint") -> tuple[str, str, dict[str, Tensor]]:
+    """(entry name, naming found, state in the Wan naming)."""
+    if naming not in ("auto", *NAMINGS):
+        raise ValueError(f"naming must be 'auto', 'wan' or 'diffusers', got {naming!r}")
     name, state = _select(raw, key)
-    return name, _clean_keys(state, f"checkpoint entry {name!r}", _LEADING_PREFIXES, every_key=True)
+    state = _clean_keys(state, f"checkpoint entry {name!r}", _LEADING_PREFIXES, every_key=True)
+    what = f"{where} (entry {name!r})"
+    found = detect_naming(state)
+    if found is None:
+        shown = _short_list(sorted(state))
+        raise LayoutError(f"{what} is in neither the Wan naming ({_NAMING_EXAMPLE[WAN]}) nor the diffusers "
+                          f"naming ({_NAMING_EXAMPLE[DIFFUSERS]}): its keys are {shown}. If the weights sit "
+                          f"under another top-level entry, pass key=<entry> (checkpoint_key=, --checkpoint-key); "
+                          f"top-level keys: {sorted(raw)[:_LIST_LIMIT]}")
+    if naming != "auto" and found != naming:
+        raise LayoutError(f"{what} uses the {found} naming ({_NAMING_EXAMPLE[found]}), but naming={naming!r} was "
+                          f"asked; load it with naming={found!r} or naming='auto' (renamed to the Wan naming on load)")
+    if found == DIFFUSERS:
+        # Unknown keys keep their names: load_weights reports them as unexpected, as for Wan names.
+        state = diffusers_to_wan(state, what, strict=False)
+    return name, found, state
 
 
 # --------------------------------------------------------------------- LoRA
@@ -210,7 +344,8 @@ def merge_lora(state: Mapping[str, Tensor], lora_state: Mapping, alpha: float | 
 # --------------------------------------------------------------------- load
 @dataclass
 class LoadReport:
-    """What :func:`load_weights` did. ``source``: the checkpoint entry used."""
+    """What :func:`load_weights` did. ``source``: the checkpoint entry used; ``naming``: the
+    parameter names it had ("wan", or "diffusers": renamed on load)."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -218,9 +353,11 @@ class LoadReport:
     loaded: int = 0
     source: str = ""
     path: str = ""
+    naming: str = WAN
 
     def __str__(self) -> str:
-        lines = [f"loaded {self.loaded} tensors from {self.path!r} (entry {self.source!r})"]
+        names = f", {self.naming} naming" if self.naming != WAN else ""
+        lines = [f"loaded {self.loaded} tensors from {self.path!r} (entry {self.source!r}{names})"]
         if self.merged_lora_modules:
             lines.append(f"LoRA merged into {_short_list(self.merged_lora_modules)} modules")
         if self.missing:
@@ -231,8 +368,10 @@ class LoadReport:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, lora_path: str | os.PathLike | None = None,
-                 lora_alpha: float | None = None, strict: bool = True, key: str | None = None) -> LoadReport:
-    """Load a Wan checkpoint (any accepted layout) into ``model``, merging a LoRA file if given.
+                 lora_alpha: float | None = None, strict: bool = True, key: str | None = None,
+                 naming: str = "auto") -> LoadReport:
+    """Load a Wan checkpoint (any accepted layout, file or folder, Wan or diffusers naming; see
+    the module docstring) into ``model``, merging a LoRA file (Wan module names) if given.
 
     Tensors are cast to the model's dtypes before the LoRA merge, so the merge happens once
     at the model's precision. Everything is validated before the first copy: on any error
@@ -240,7 +379,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, lora_path: str | os.
     :class:`CheckpointKeyError` (a KeyError); shape mismatches always raise ValueError.
     """
     path = os.fspath(path)
-    source, state = _extract(read_state_dict(path), key)
+    source, found, state = _extract(read_state_dict(path), key, naming, f"checkpoint {path!r}")
     target = model.state_dict()
     meta = [k for k, t in target.items() if t.is_meta]
     if meta:
@@ -263,7 +402,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, lora_path: str | os.
     with torch.no_grad():
         for k in loadable:
             target[k].copy_(state[k])
-    return LoadReport(missing, unexpected, merged_modules, len(loadable), source, path)
+    return LoadReport(missing, unexpected, merged_modules, len(loadable), source, path, found)
 
 
 # -------------------------------------------------------------- shape check
@@ -272,13 +411,17 @@ class CheckpointShapeError(ValueError):
 
 
 def read_shapes(path: str | os.PathLike) -> dict:
-    """A checkpoint's content with every tensor's shape but without reading tensor data:
-    meta tensors from a ``.safetensors`` header, memory-mapped tensors from a torch file."""
-    path = _checked_extension(path, "checkpoint")
+    """A checkpoint's content (see :func:`checkpoint_files`) with every tensor's shape but without
+    reading tensor data: meta tensors from ``.safetensors`` headers, memory-mapped tensors from
+    torch files."""
+    return _read_files(checkpoint_files(path), "checkpoint", _read_file_shapes)
+
+
+def _read_file_shapes(path: str, what: str) -> dict:
     if not path.lower().endswith(".safetensors"):
-        return read_state_dict(path)
+        return _read_tensor_file(path, what)
     # Only the shapes of these stand-ins are used (their dtype is not the stored one).
-    return {k: torch.empty(shape, device="meta") for k, shape in read_safetensors_shapes(path, "checkpoint").items()}
+    return {k: torch.empty(shape, device="meta") for k, shape in read_safetensors_shapes(path, what).items()}
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
@@ -297,17 +440,17 @@ def _preset_hint(config: ModelConfig, found: dict[str, torch.Size]) -> str:
 
 
 def check_checkpoint_shapes(path: str | os.PathLike, config: ModelConfig, key: str | None = None,
-                            strict: bool = True) -> None:
+                            strict: bool = True, naming: str = "auto") -> None:
     """Refuse a checkpoint that does not fit ``config`` before any model is built.
 
-    Reads only the tensor shapes (see :func:`read_shapes`), selects the entry and cleans the
-    keys as :func:`load_weights` does, and compares with :func:`expected_shapes`. Raises
+    Reads only the tensor shapes (see :func:`read_shapes`), selects the entry, cleans and
+    renames the keys as :func:`load_weights` does, and compares with :func:`expected_shapes`. Raises
     :class:`CheckpointShapeError` naming the first mismatching keys with both shapes and the
     preset whose shapes fit, if any; with ``strict``, missing or unexpected keys raise
     :class:`CheckpointKeyError` as :func:`load_weights` would.
     """
     path = os.fspath(path)
-    source, state = _extract(read_shapes(path), key)
+    source, _, state = _extract(read_shapes(path), key, naming, f"checkpoint {path!r}")
     found = {k: v.shape for k, v in state.items()}
     expected = expected_shapes(config)
     mismatched = [k for k in expected if k in found and found[k] != expected[k]]
