@@ -107,6 +107,8 @@ setup(
         "gpu": ["triton", "nvidia-ml-py"],
         # WanTransformer3DModel integration (lrag_engine.integrations.diffusers)
         "diffusers": ["diffusers>=0.33"],
+        # Prompts in, video out: UMT5 (transformers), the Wan VAE (diffusers), mp4 (PyAV)
+        "pipeline": ["transformers>=4.45", "sentencepiece", "diffusers>=0.33", "av", "pillow"],
     },
     package_data={"lrag_engine.encoder": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["lrag-engine=lrag_engine.cli:main"]},

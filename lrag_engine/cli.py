@@ -1,8 +1,8 @@
-"""lrag-engine: generate latent videos with LongLive-RAG memory; collect latents, train and evaluate the retrieval encoder.
+"""lrag-engine: generate videos with LongLive-RAG memory; collect latents, train and evaluate the retrieval encoder.
 
-With no arguments, ``generate`` runs the built-in default: the tiny preset with
-seeded random weights and a fixed random text embedding, 48 latent frames (16
-blocks), long enough for retrieval to be active.
+With no arguments, ``generate`` runs the built-in default offline: the tiny preset with
+seeded random weights, a tiny random UMT5 text encoder and Wan VAE, a default prompt,
+48 latent frames (16 blocks, long enough for retrieval to be active), an mp4 out.
 """
 from __future__ import annotations
 
@@ -90,8 +90,18 @@ def _add_generate(sub) -> None:
                                             "(default: generator_ema, else generator, else model, else bare)")
     p.add_argument("--lora", help="LoRA weights (peft naming) merged into --checkpoint (default: none)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the LoRA rank)")
-    p.add_argument("--text", help="text embedding file [L, text_dim] or [B, L, text_dim] "
-                                  "(default: a fixed random embedding)")
+    p.add_argument("--model-dir", help="a Wan2.1-T2V model directory, original or diffusers layout (DiT, VAE, "
+                                       "UMT5 text encoder, tokenizer); --checkpoint/--lora are then laid over its "
+                                       "DiT (default: the tiny preset with random weights, text encoder and VAE)")
+    p.add_argument("--height", type=int, help="latent frame height with --model-dir (default 60: 480 pixels)")
+    p.add_argument("--width", type=int, help="latent frame width with --model-dir (default 104: 832 pixels)")
+    p.add_argument("--prompt", help="the text prompt (default: 'a red fox running through snow'); needs the "
+                                    "text encoder of --model-dir or of the built-in default")
+    p.add_argument("--prompt-at", action="append", default=[], metavar="BLOCK:PROMPT",
+                   help="switch to PROMPT from block BLOCK on (a block is --frames-per-block latent frames); "
+                        "repeatable")
+    p.add_argument("--recache-sink", action="store_true", help="a prompt switch also recomputes the sink frames")
+    p.add_argument("--text", help="text embedding file [L, text_dim] or [B, L, text_dim] instead of --prompt")
     p.add_argument("--encoder", help="retrieval encoder checkpoint for descriptors (default: the spatial mean)")
     p.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
                    help="latent frames to generate, a multiple of --frames-per-block")
@@ -115,8 +125,11 @@ def _add_generate(sub) -> None:
                         "TRITON_INTERPRET=1 in the environment")
     p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS, help="attention backend")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the noise")
-    p.add_argument("--out", default="lrag_out", help="output directory, created and checked before the run; "
-                                                     "latents.pt and retrieval_log.json in it are replaced")
+    p.add_argument("--out", default="lrag_out",
+                   help="output directory (video.mp4, latents.pt, retrieval_log.json in it are replaced), or a "
+                        ".mp4 path (the latents and the log go beside it as <name>.latents.pt and "
+                        "<name>.retrieval_log.json); checked before the run")
+    p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4 (Wan 2.1: 16)")
     p.add_argument("--preview", action="store_true", help="write a latent preview strip (PNG)")
     p.add_argument("--plot", action="store_true", help="write a plot of the retrieval log (PNG)")
     p.set_defaults(func=cmd_generate)
@@ -147,23 +160,75 @@ def _replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def cmd_generate(args) -> int:
+DEFAULT_PROMPT = "a red fox running through snow"
+
+
+def _outputs(path: str) -> dict[str, Path]:
+    """Where generate writes: ``--out`` as a directory, or as the mp4's path."""
+    if path.lower().endswith(".mp4"):
+        video = Path(path)
+        base = _output_dir(str(video.parent or "."))
+        stem = video.stem
+        return {"video": video, "latents": base / f"{stem}.latents.pt", "log": base / f"{stem}.retrieval_log.json",
+                "preview": base / f"{stem}.preview.png", "plot": base / f"{stem}.retrieval_log.png"}
+    base = _output_dir(path)
+    return {"video": base / "video.mp4", "latents": base / "latents.pt", "log": base / "retrieval_log.json",
+            "preview": base / "preview.png", "plot": base / "retrieval_log.png"}
+
+
+def _prompt_timeline(entries: list[str]) -> dict[int, str]:
+    timeline = {}
+    for entry in entries:
+        block, sep, prompt = entry.partition(":")
+        if not sep or not block.strip().isdigit() or not prompt.strip():
+            raise ValueError(f"--prompt-at {entry!r}: expected BLOCK:PROMPT with a block index >= 0 and a prompt")
+        if int(block) in timeline:
+            raise ValueError(f"--prompt-at: block {int(block)} is given twice")
+        timeline[int(block)] = prompt.strip()
+    return timeline
+
+
+def _build_engine(args, memory: MemoryConfig, runtime: RuntimeConfig):
     from .engine import Engine
 
+    common = dict(checkpoint_key=args.checkpoint_key, lora=args.lora, lora_alpha=args.lora_alpha,
+                  encoder=args.encoder, seed=args.seed)
+    if args.model_dir:
+        return Engine.from_pretrained(args.model_dir, memory=memory, runtime=runtime, checkpoint=args.checkpoint,
+                                      height=args.height, width=args.width, **common), f"{args.model_dir}" + (f" + {args.checkpoint}" if args.checkpoint
+                                                                          else "")
+    engine = Engine(ModelConfig.preset(args.preset), memory, runtime, checkpoint=args.checkpoint, **common)
+    if args.text is None:
+        engine.attach_random_pipeline(seed=args.seed)
+    weights = args.checkpoint or f"random weights (seed {args.seed})"
+    return engine, f"preset {args.preset}, {weights}"
+
+
+def cmd_generate(args) -> int:
     dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     memory = MemoryConfig(window=args.window, sink=args.sink, top_k=args.top_k,
                           recency_guard=args.recency_guard, frames_per_block=args.frames_per_block,
                           widen_local_until_memory=args.widen_local)
     runtime = RuntimeConfig(device=args.device, dtype=dtype, kernels=args.kernels,
                             attention_backend=args.attention)
-    out_dir = _output_dir(args.out)   # before any work: an unwritable --out must not cost a run
+    if (args.height or args.width) and not args.model_dir:
+        raise ValueError("--height/--width set the latent size of a --model-dir model; presets have their own")
+    if args.text and (args.prompt or args.prompt_at):
+        raise ValueError("--text gives text embeddings: it cannot be combined with --prompt/--prompt-at")
+    outputs = _outputs(args.out)   # before any work: an unwritable --out must not cost a run
+    timeline = _prompt_timeline(args.prompt_at)
     text = read_text_embedding(args.text) if args.text else None
-    engine = Engine(ModelConfig.preset(args.preset), memory, runtime, checkpoint=args.checkpoint,
-                    checkpoint_key=args.checkpoint_key, lora=args.lora, lora_alpha=args.lora_alpha,
-                    encoder=args.encoder, seed=args.seed)
-    weights = args.checkpoint or f"random weights (seed {args.seed})"
-    print(f"lrag-engine generate: preset {args.preset}, weights: {weights}, "
-          f"text: {args.text or 'fixed random embedding (seed 0)'}")
+    engine, weights = _build_engine(args, memory, runtime)
+    random_parts = engine.pipeline_is_random
+    if args.text:
+        what = f"text embeddings from {args.text}"
+    else:
+        prompt = args.prompt or DEFAULT_PROMPT
+        what = f"prompt {prompt!r}" + "".join(f", from block {b}: {p!r}" for b, p in sorted(timeline.items()))
+    print(f"lrag-engine generate: {weights}; {what}")
+    if random_parts:
+        print(f"note: {random_parts} random (seeded, nothing downloaded): the video shows what the engine does, not "
+              "what a trained model draws")
     if engine.load_report is not None:
         print(f"checkpoint: {engine.load_report}")
     print(f"memory: window {memory.window}, sink {memory.sink}, top_k {memory.top_k}, recency guard "
@@ -171,29 +236,38 @@ def cmd_generate(args) -> int:
           f"{type(engine.descriptor).__name__}; device {args.device}, {dtype}, attention "
           f"{engine.attention_backend}")
 
+    if args.text:
+        run = dict(text=text)
+    else:
+        run = dict(prompt=prompt, prompt_timeline=timeline or None, recache_sink=args.recache_sink)
     start = time.perf_counter()
-    result = engine.generate(args.frames, text=text, seed=args.seed, batch_size=args.batch, progress=True)
-    elapsed = time.perf_counter() - start   # generate returns CPU latents: the device is done
+    result = engine.generate(args.frames, seed=args.seed, batch_size=args.batch, progress=True,
+                             video_path=outputs["video"] if engine.vae is not None else None, fps=args.fps, **run)
+    elapsed = time.perf_counter() - start
     latents, log = result.latents, result.log_dicts()
 
-    with _replacing(out_dir / "latents.pt") as tmp:
+    with _replacing(outputs["latents"]) as tmp:
         torch.save({"latents": latents, "config": engine.describe()}, tmp)
-    with _replacing(out_dir / "retrieval_log.json") as tmp:
+    with _replacing(outputs["log"]) as tmp:
         tmp.write_text(json.dumps(log, indent=1))
     active = sum(1 for entry in log if any(entry["selected"]))
     print(f"{len(log)} blocks, {latents.shape[1]} latent frames in {elapsed:.2f} s "
           f"({len(log) / elapsed:.2f} blocks/s); retrieval active in {active} blocks")
-    print(f"wrote {out_dir / 'latents.pt'} (latents {list(latents.shape)}) and {out_dir / 'retrieval_log.json'}")
+    if result.frames is not None:
+        b, t, h, w, _ = result.frames.shape
+        print(f"wrote {outputs['video']} ({t} frames of {w}x{h} at {args.fps} fps"
+              + (f", first stream of {b}" if b > 1 else "") + ")")
+    print(f"wrote {outputs['latents']} (latents {list(latents.shape)}) and {outputs['log']}")
     if args.preview:
         from .preview import save_preview_strip
-        with _replacing(out_dir / "preview.png") as tmp:
+        with _replacing(outputs["preview"]) as tmp:
             save_preview_strip(latents[0], tmp)
-        print(f"wrote {out_dir / 'preview.png'}")
+        print(f"wrote {outputs['preview']}")
     if args.plot:
         from .preview import plot_retrieval_log
-        with _replacing(out_dir / "retrieval_log.png") as tmp:
+        with _replacing(outputs["plot"]) as tmp:
             plot_retrieval_log(log, tmp)
-        print(f"wrote {out_dir / 'retrieval_log.png'}")
+        print(f"wrote {outputs['plot']}")
     return 0
 
 
@@ -217,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         message = str(exc)
         if args.command == "generate":
-            message = _flag_names(message, [args.text, args.checkpoint, args.lora, args.encoder, args.out])
+            message = _flag_names(message, [args.text, args.checkpoint, args.lora, args.encoder, args.out,
+                                            args.model_dir])
         print(f"lrag-engine: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 

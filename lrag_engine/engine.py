@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -37,6 +38,7 @@ class GenerationResult:
     latents: torch.Tensor                      # [B, T, C, H, W] float32, CPU
     log: list[BlockLog] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
+    frames: torch.Tensor | None = None         # [B, T', H, W, 3] uint8 video frames, CPU (with a VAE)
 
     def log_dicts(self) -> list[dict]:
         return [entry.to_dict() for entry in self.log]
@@ -145,6 +147,7 @@ class Engine:
         # return latents.
         self.text_encoder = None
         self.vae = None
+        self._random_parts: list[str] = []
         self._pool: PagePool | None = None
         self.last_session: Session | None = None
 
@@ -157,6 +160,92 @@ class Engine:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Engine.from_model needs a WanModel, got {type(model).__name__}")
         return cls(model, memory=memory, runtime=runtime, **options)
+
+    # ------------------------------------------------------------------ pipeline parts
+    @classmethod
+    def from_pretrained(cls, path: str | Path, memory: MemoryConfig | None = None,
+                        runtime: RuntimeConfig | None = None, checkpoint: str | Path | None = None,
+                        lora: str | Path | None = None, lora_alpha: float | None = None,
+                        checkpoint_key: str | None = None, height: int | None = None, width: int | None = None,
+                        text_len: int | None = None, **options) -> "Engine":
+        """An engine with the DiT, UMT5 text encoder, tokenizer and VAE of a Wan2.1-T2V model
+        directory, original or diffusers layout (:func:`lrag_engine.pipeline.pretrained.find_parts`;
+        a missing part is one error listing what was found). ``checkpoint`` (a causal
+        generator: Self-Forcing, Causal-Forcing, LongLive) and ``lora`` are laid over the
+        directory's DiT weights. height / width: latent frame size (default 60 x 104).
+        text_len: text positions (default: the original config.json's text_len, else 512).
+        options: the constructor's other options (encoder, descriptor, seed)."""
+        from .pipeline.pretrained import find_parts, original_vae_config
+        from .pipeline.text import TextEncoder
+        from .pipeline.vae import WanVAE
+
+        parts = find_parts(path)
+        config = ModelConfig.from_json(parts.config, height=height, width=width, text_len=text_len)
+        base_lora = None if checkpoint is not None else lora
+        engine = cls(config, memory, runtime, checkpoint=parts.transformer, lora=base_lora,
+                     lora_alpha=lora_alpha if base_lora else None, **options)
+        if checkpoint is not None:
+            check_checkpoint_shapes(checkpoint, config, key=checkpoint_key)
+            engine.load_report = load_weights(engine.model, checkpoint, lora_path=lora, lora_alpha=lora_alpha,
+                                              key=checkpoint_key)
+        on = dict(device=engine.device, dtype=engine.dtype)
+        if parts.layout == "diffusers":
+            engine.text_encoder = TextEncoder.from_diffusers(parts.root, text_len=config.text_len, **on)
+            engine.vae = WanVAE.from_diffusers(parts.vae, device=engine.device)
+        else:
+            engine.text_encoder = TextEncoder.from_original(parts.text_encoder, parts.tokenizer,
+                                                            text_len=config.text_len, **on)
+            engine.vae = WanVAE.from_original(parts.vae, config=original_vae_config(parts.vae), device=engine.device)
+        return engine
+
+    def attach_random_pipeline(self, seed: int = 0) -> None:
+        """A tiny random-config UMT5 text encoder (with a tokenizer built in code) and a tiny
+        random Wan VAE, seeded: the offline demo's prompt-to-mp4 path, nothing downloaded."""
+        from .pipeline.text import TextEncoder
+        from .pipeline.vae import WanVAE
+
+        cfg = self.model_config
+        self.text_encoder = TextEncoder.random(seed=seed, text_dim=cfg.text_dim, text_len=cfg.text_len,
+                                               device=self.device)
+        self.vae = WanVAE.random(seed=seed, device=self.device)
+        self._random_parts = ["text encoder", "VAE"]
+
+    @property
+    def pipeline_is_random(self) -> str:
+        """What of this engine is random: "" when everything was loaded."""
+        parts = ([] if self.load_report is not None else ["DiT weights"]) + self._random_parts
+        if not parts:
+            return ""
+        return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + \
+            (" are" if len(parts) > 1 else " is")
+
+    def encode_prompts(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Text strings (one per stream) -> text embeddings [B, text_len, text_dim]."""
+        if self.text_encoder is None:
+            raise ValueError("prompt needs a text encoder: use Engine.from_pretrained(model_dir) or "
+                             "attach_random_pipeline(), or pass text embeddings (text=)")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"prompt must be a non-empty string or a list of them, got {prompts!r}")
+        return self.text_encoder.encode(list(prompts))
+
+    def _prompt_texts(self, prompt, prompt_timeline, text, text_timeline):
+        if prompt is not None:
+            if text is not None:
+                raise ValueError("give either prompt= (strings) or text= (embeddings), not both")
+            text = self.encode_prompts(prompt)
+        if prompt_timeline is not None:
+            if text_timeline is not None:
+                raise ValueError("give either prompt_timeline= or text_timeline=, not both")
+            if not isinstance(prompt_timeline, Mapping):
+                raise TypeError(f"prompt_timeline must be a mapping {{block index: prompt}}, got "
+                                f"{type(prompt_timeline).__name__}")
+            text_timeline = {block: self.encode_prompts(p) for block, p in prompt_timeline.items()}
+            if text is not None and text.shape[0] > 1:
+                text_timeline = {b: t.expand(text.shape[0], -1, -1) if t.shape[0] == 1 else t
+                                 for b, t in text_timeline.items()}
+        return text, text_timeline
 
     # ------------------------------------------------------------------ shared state
     def workspace(self, batch: int) -> Workspace:
@@ -237,8 +326,30 @@ class Engine:
     def _host_only(self) -> bool:
         return self.runtime.retrieval_fetch == "per_forward"
 
+    def _check_timeline(self, text_timeline, text, recache_sink, num_blocks: int):
+        """Validate a prompt timeline up front: a mapping {block index: text} with int
+        indices in [0, num_blocks); index 0 only without ``text`` (then it is block 0's
+        text). Returns (text, {block >= 1: text}) or (text, None)."""
+        if not isinstance(recache_sink, bool):
+            raise TypeError(f"recache_sink must be a bool, got {type(recache_sink).__name__}")
+        if text_timeline is None:
+            return text, None
+        if not isinstance(text_timeline, Mapping):
+            raise TypeError(f"text_timeline must be a mapping {{block index: text [B, L, text_dim]}}, got "
+                            f"{type(text_timeline).__name__}")
+        for block in text_timeline:
+            if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < num_blocks:
+                raise ValueError(f"text_timeline: block indices must be ints in [0, {num_blocks}) (the run has "
+                                 f"{num_blocks} blocks), got {block!r}")
+        timeline = dict(text_timeline)
+        if 0 in timeline:
+            if text is not None:
+                raise ValueError("text_timeline[0] and text both give block 0's text; pass one of them")
+            text = timeline.pop(0)
+        return text, dict(sorted(timeline.items())) or None
+
     def _prepare(self, num_frames: int, text, noise, renoise, seed, batch_size, keep_output: bool,
-                 memory: MemoryConfig):
+                 memory: MemoryConfig, text_timeline=None, recache_sink: bool = False):
         """Validate a run's inputs, allocating nothing proportional to ``num_frames``.
 
         keep_output: the run's whole output is kept (``generate``), so it must fit in memory.
@@ -246,7 +357,9 @@ class Engine:
         cfg = self.model_config
         f = memory.frames_per_block
         checks.check_num_frames(num_frames, f)
-        batch = checks.infer_batch(batch_size, noise, text)
+        text, timeline = self._check_timeline(text_timeline, text, recache_sink, num_frames // f)
+        first_switch = None if timeline is None else next(iter(timeline.values()))
+        batch = checks.infer_batch(batch_size, noise, text, first_switch)
         if keep_output:
             checks.check_output_fits(cfg, batch, num_frames, self.device)
         if noise is not None:
@@ -254,17 +367,25 @@ class Engine:
         if text is None:
             text = self.default_text(batch)
         checks.check_text(text, batch, cfg)
+        for block, switched in (timeline or {}).items():
+            try:
+                checks.check_text(switched, batch, cfg)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"text_timeline[{block}]: {error}") from None
         num_blocks = num_frames // f
         renoise = checks.check_renoise(renoise, batch, num_blocks, len(self.schedule), f, cfg)
         seed = self.seed if seed is None else check_seed(seed)
         checks.check_history_budget(memory, cfg, self.dtype, num_frames, batch, self._host_only)
-        return batch, num_blocks, text, noise, renoise, seed
+        return batch, num_blocks, text, noise, renoise, seed, timeline, recache_sink
 
     # ------------------------------------------------------------------ generation
     def stream(self, num_frames: int, text: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                renoise: Sequence[torch.Tensor] | None = None, seed: int | None = None,
                batch_size: int | None = None, top_k: int | None = None, recency_guard: int | None = None,
-               widen_local_until_memory: bool | None = None) -> Iterator[BlockOutput]:
+               widen_local_until_memory: bool | None = None,
+               text_timeline: Mapping[int, torch.Tensor] | None = None,
+               recache_sink: bool = False, prompt: str | Sequence[str] | None = None,
+               prompt_timeline: Mapping[int, str | Sequence[str]] | None = None) -> Iterator[BlockOutput]:
         """Generate ``num_frames`` latent frames, yielding each block when it is finished.
 
         num_frames: a positive multiple of ``frames_per_block`` F, at most ``MAX_FRAMES``
@@ -272,8 +393,15 @@ class Engine:
         ``default_text``), noise [B, T, C, H, W] (default: drawn from ``seed``), renoise: one
         [B, F, C, H, W] per block and non-final step, block-major (default: drawn from ``seed``).
         seed: an int in [-2**63, 2**64) (default: the engine's). top_k / recency_guard /
-        widen_local_until_memory: this run's memory options (see ``session``). All inputs
-        are validated before any work starts.
+        widen_local_until_memory: this run's memory options (see ``session``).
+        text_timeline: prompt switches, {block index: text [B, L, text_dim]}: from that
+        block on the stream cross-attends to that text, and just before it the window's
+        K/V are recomputed under it (SPEC section 7; ``Session.switch_text``; the sink's
+        too with ``recache_sink=True``); block 0's text is ``text`` (or ``text_timeline[0]``
+        when ``text`` is None). prompt / prompt_timeline: the same as text strings (one
+        per stream), through the engine's text encoder. With a VAE each block carries its
+        decoded frames (``frames_rgb`` [B, F', 8H, 8W, 3] uint8; F' = 4F - 3 for the first
+        block, 4F after). All inputs are validated before any work starts.
 
         Noise rule: a CPU ``torch.Generator`` seeded with ``seed`` first draws the seed of
         the re-noise generator (``torch.randint(2**63 - 1, ())``), then, unless ``noise`` is
@@ -284,11 +412,14 @@ class Engine:
         ``renoise`` the re-noise is drawn on the engine's device from that second generator,
         one ``[B, F, C, H, W]`` per block and non-final step, in order.
         """
+        text, text_timeline = self._prompt_texts(prompt, prompt_timeline, text, text_timeline)
         memory = self.session_memory(top_k, recency_guard, widen_local_until_memory)
-        args = self._prepare(num_frames, text, noise, renoise, seed, batch_size, keep_output=False, memory=memory)
+        args = self._prepare(num_frames, text, noise, renoise, seed, batch_size, keep_output=False, memory=memory,
+                             text_timeline=text_timeline, recache_sink=recache_sink)
         return self._run(memory, *args)
 
-    def _run(self, memory, batch, num_blocks, text, noise, renoise, seed) -> Iterator[BlockOutput]:
+    def _run(self, memory, batch, num_blocks, text, noise, renoise, seed, timeline=None,
+             recache_sink=False) -> Iterator[BlockOutput]:
         session = Session(self, batch, text, seed, memory)
         self.last_session = session   # the last run's state, for inspection
         f = memory.frames_per_block
@@ -299,26 +430,41 @@ class Engine:
             block_noise = (noise[:, b * f:(b + 1) * f] for b in range(num_blocks))
         if renoise is not None:
             renoise = [r.to(self.device, torch.float32) for r in renoise]
+        # Pixels: each block is decoded as soon as it is done, the VAE's causal cache carried
+        # from block to block (on CUDA on the decoder's own stream).
+        decoder = self.vae.stream_decoder() if self.vae is not None else None
         try:
-            yield from session.run(num_blocks, block_noise, renoise)
+            for out in session.run(num_blocks, block_noise, renoise, text_timeline=timeline,
+                                   recache_sink=recache_sink):
+                if decoder is not None:
+                    out.frames_rgb = decoder.decode_block(out.latents)
+                yield out
         finally:
             session.close()   # a consumer may stop early: settle the side stream, free the pages
 
     def generate(self, num_frames: int, text: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  renoise: Sequence[torch.Tensor] | None = None, seed: int | None = None,
                  batch_size: int | None = None, progress: bool = False, top_k: int | None = None,
-                 recency_guard: int | None = None, widen_local_until_memory: bool | None = None) -> GenerationResult:
+                 recency_guard: int | None = None, widen_local_until_memory: bool | None = None,
+                 text_timeline: Mapping[int, torch.Tensor] | None = None,
+                 recache_sink: bool = False, prompt: str | Sequence[str] | None = None,
+                 prompt_timeline: Mapping[int, str | Sequence[str]] | None = None,
+                 video_path: str | Path | None = None, fps: int = 16) -> GenerationResult:
         """Generate a whole video; see ``stream`` for the arguments.
 
         Returns latents [B, T, C, H, W] (float32, CPU) and the per-block retrieval log: the
-        blocks ``stream`` yields for the same arguments. Each block is copied to the host
-        output as it finishes (asynchronously from the device), so the device never holds
-        the whole video. A ``num_frames`` whose float32 output exceeds the physical memory
-        is a ValueError before any work.
+        blocks ``stream`` yields for the same arguments; with a VAE also the decoded frames
+        [B, 4T - 3, 8H, 8W, 3] uint8, and with ``video_path`` the first stream's frames are
+        appended to that mp4 block by block (written atomically at the end). Each block is
+        copied to the host output as it finishes (asynchronously from the device), so the
+        device never holds the whole video. A ``num_frames`` whose float32 output exceeds
+        the physical memory is a ValueError before any work.
         """
+        text, text_timeline = self._prompt_texts(prompt, prompt_timeline, text, text_timeline)
         memory = self.session_memory(top_k, recency_guard, widen_local_until_memory)
         batch, num_blocks, *rest = self._prepare(num_frames, text, noise, renoise, seed, batch_size,
-                                                 keep_output=True, memory=memory)
+                                                 keep_output=True, memory=memory, text_timeline=text_timeline,
+                                                 recache_sink=recache_sink)
         cfg = self.model_config
         out = torch.empty(batch, num_frames, cfg.in_channels, cfg.height, cfg.width,
                           pin_memory=self.device.type == "cuda")
@@ -326,22 +472,43 @@ class Engine:
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=num_blocks, unit="block", desc="generate")
-        logs, seconds = [], []
+        logs, seconds, frames = [], [], []
+        writer = None
+        if video_path is not None:
+            if self.vae is None:
+                raise ValueError("video_path needs a VAE (Engine.from_pretrained, or attach_random_pipeline())")
+            from .pipeline.video import Mp4Writer
+            writer = Mp4Writer(video_path, fps=fps)
+        start = time.perf_counter()
         try:
             for block in self._run(memory, batch, num_blocks, *rest):
                 host = out[:, block.frames[0]:block.frames[1]]
                 host.copy_(block.latents, non_blocking=True)
                 block.latents = host   # the device copy is released (stream-ordered reuse)
+                if block.frames_rgb is not None:
+                    pixels = block.frames_rgb.cpu()
+                    frames.append(pixels)
+                    if writer is not None:
+                        writer.append(pixels[0])
                 logs.append(block)
                 seconds.append(block.seconds)
                 if bar is not None:
                     bar.update(1)
+                    video = sum(f.shape[1] for f in frames)
+                    if video:
+                        bar.set_postfix_str(f"{video / (time.perf_counter() - start):.1f} video frames/s")
+            if writer is not None:
+                writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
         finally:
             if bar is not None:
                 bar.close()   # ends its line, so an error message does not share it
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return GenerationResult(out, [b.log for b in logs], seconds)
+        return GenerationResult(out, [b.log for b in logs], seconds, torch.cat(frames, dim=1) if frames else None)
 
     def describe(self) -> dict:
         """A summary of what this engine runs (printed by the CLI)."""

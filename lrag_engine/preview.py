@@ -1,7 +1,10 @@
 """Things to look at: a latent preview strip and a plot of the retrieval log.
 
-The latent-to-RGB map is a fixed linear projection (a seeded 16x3 matrix, the same
-on every run), not a VAE decode: it shows structure and motion, not true colours.
+The latent-to-RGB map is Wan 2.1's published linear approximation of its VAE decoder
+(the 16x3 factors and bias of ComfyUI's ``Wan21`` latent format, which its previewer
+applies to the sampler's normalised latents, as the DiT's are here):
+``rgb = latents @ factors + bias`` in [-1, 1], with no VAE decode. Colours are roughly right; fine detail is
+the 8x8-pixel latent grid. For true pixels decode with :mod:`lrag_engine.pipeline.vae`.
 """
 from __future__ import annotations
 
@@ -9,27 +12,44 @@ from pathlib import Path
 
 import torch
 
-PREVIEW_SEED = 1234
-QUANTILE_SAMPLE = 1 << 20
+# Rows: the 16 latent channels; columns: R, G, B.
+WAN21_LATENT_RGB_FACTORS = (
+    (-0.1299, -0.1692, 0.2932),
+    (0.0671, 0.0406, 0.0442),
+    (0.3568, 0.2548, 0.1747),
+    (0.0372, 0.2344, 0.1420),
+    (0.0313, 0.0189, -0.0328),
+    (0.0296, -0.0956, -0.0665),
+    (-0.3477, -0.4059, -0.2925),
+    (0.0166, 0.1902, 0.1975),
+    (-0.0412, 0.0267, -0.1364),
+    (-0.1293, 0.0740, 0.1636),
+    (0.0680, 0.3019, 0.1128),
+    (0.0032, 0.0581, 0.0639),
+    (-0.1251, 0.0927, 0.1699),
+    (0.0060, -0.0633, 0.0005),
+    (0.3477, 0.2275, 0.2950),
+    (0.1984, 0.0913, 0.1861),
+)
+WAN21_LATENT_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
 
 
 def latent_to_rgb_matrix(channels: int) -> torch.Tensor:
-    """Fixed [C, 3] projection with unit-norm columns."""
-    g = torch.Generator().manual_seed(PREVIEW_SEED)
-    m = torch.randn(channels, 3, generator=g, dtype=torch.float64)
-    return (m / m.norm(dim=0, keepdim=True)).float()
+    """Wan 2.1's [16, 3] latent-to-RGB factors; other channel counts are refused."""
+    if channels != len(WAN21_LATENT_RGB_FACTORS):
+        raise ValueError(f"the latent preview maps Wan 2.1's {len(WAN21_LATENT_RGB_FACTORS)} latent channels; "
+                         f"got {channels}")
+    return torch.tensor(WAN21_LATENT_RGB_FACTORS, dtype=torch.float32)
 
 
 def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
-    """latents [T, C, H, W] -> uint8 images [T, H, W, 3], one scale for the whole video."""
-    rgb = torch.einsum("tchw,cd->thwd", latents.float().cpu(), latent_to_rgb_matrix(latents.shape[1]))
-    flat = rgb.flatten()
-    if flat.numel() > QUANTILE_SAMPLE:   # torch.quantile refuses more than 2**24 values
-        pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(PREVIEW_SEED))
-        flat = flat[pick[:QUANTILE_SAMPLE]]
-    lo, hi = torch.quantile(flat, torch.tensor([0.01, 0.99])).tolist()
-    scale = max(hi - lo, 1e-6)
-    return ((rgb - lo) / scale).clamp(0, 1).mul(255).round().to(torch.uint8)
+    """Normalised latents [T, C, H, W] -> uint8 images [T, H, W, 3] (one pixel per latent
+    position): the linear map to [-1, 1], clamped, scaled to [0, 255]."""
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be [T, C, H, W], got {tuple(latents.shape)}")
+    matrix = latent_to_rgb_matrix(latents.shape[1])
+    rgb = torch.einsum("tchw,cd->thwd", latents.float().cpu(), matrix) + torch.tensor(WAN21_LATENT_RGB_BIAS)
+    return rgb.add(1).mul(127.5).clamp(0, 255).round().to(torch.uint8)
 
 
 def save_preview_strip(latents: torch.Tensor, path: str | Path, max_frames: int = 16,
@@ -42,7 +62,7 @@ def save_preview_strip(latents: torch.Tensor, path: str | Path, max_frames: int 
 
     t = latents.shape[0]
     picks = torch.linspace(0, t - 1, min(t, max_frames)).round().long().unique()
-    images = latents_to_rgb(latents)[picks]
+    images = latents_to_rgb(latents[picks])
     images = images.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
     gap = torch.full((images.shape[1], 2, 3), 255, dtype=torch.uint8)
     row = torch.cat([torch.cat([img, gap], dim=1) for img in images], dim=1)

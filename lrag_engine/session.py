@@ -16,14 +16,20 @@ session fills before it (splice, text load) and drains after it (staging -> its
 window). So the forward of a context signature is one function that any session, or
 later a batch of sessions side by side, can run. (An eager forward writes the
 recache K/V straight into the session's window instead, saving that copy.)
+
+A session can switch its text between blocks (SPEC section 7, LongLive's KV-recache
+with the memory kept): ``s.switch_text(text)`` recomputes the window's K/V under the
+new text at once (one eager forward at timestep 0), and the next blocks cross-attend
+to it; the history and retrieval go on untouched.
 """
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from . import checks
 from .config import MemoryConfig
 from .attention.retrieval import RetrievalAttention
 from .memory.retrieval import BlockLog
@@ -39,6 +45,7 @@ class BlockOutput:
     latents: [B, F, C, H, W] float32 on the engine's device (``.cpu()`` when needed: the
         engine itself never waits for the device inside the block loop).
     log: the block's retrieval log, read from the device on first access.
+    frames_rgb: [B, F', 8H, 8W, 3] uint8 decoded frames when the engine has a VAE, else None.
     seconds: host time spent enqueueing the block (on CUDA not the device time).
     """
 
@@ -46,6 +53,7 @@ class BlockOutput:
                  log: Callable[[], BlockLog], seconds: float) -> None:
         self.block, self.frames, self.latents, self.seconds = block, frames, latents, seconds
         self._log_fn, self._log = log, None
+        self.frames_rgb: torch.Tensor | None = None   # decoded video frames, when the engine has a VAE
 
     @property
     def log(self) -> BlockLog:
@@ -86,6 +94,7 @@ class Session:
         self._step_t = [torch.full((batch, f), t, device=engine.device) for t in engine.schedule.timesteps]
         self._zero_t = torch.zeros(batch, f, device=engine.device)
         self._seen: set[tuple] = set()   # context signatures this session has run
+        self.switches: list[tuple[int, bool]] = []   # (block it applies before, recache_sink)
         self.block = 0
         self.closed = False
 
@@ -185,12 +194,50 @@ class Session:
         forward = graphs.get(key, lambda: (lambda x, t: model(x, t, cross_kv, attention)))
         return forward(x=x, t=t)
 
+    # ------------------------------------------------------------------ prompt switch
+    def switch_text(self, text: torch.Tensor, recache_sink: bool = False) -> None:
+        """Switch this session's text before its next block (SPEC section 7).
+
+        text: [B, L, text_dim] (validated like the initial text). The next blocks
+        cross-attend to it only. Before returning, one forward at timestep 0 under the new
+        text recomputes the K/V of the window's non-sink frames (of the sink frames too
+        with ``recache_sink=True``) from their clean latents: queries those frames at
+        their window positions, keys/values ``[sink | the recomputed frames]``, no mask,
+        no retrieved frames; its output is discarded. The history keeps its K/V and
+        descriptors, and retrieval goes on as before. It runs eagerly, also on an engine
+        with static (CUDA-graph) forwards. Before the first block it only sets the text.
+        """
+        if self.closed:
+            raise RuntimeError("Session.switch_text: the session is closed")
+        if not isinstance(recache_sink, bool):
+            raise TypeError(f"recache_sink must be a bool, got {type(recache_sink).__name__}")
+        engine = self.engine
+        checks.check_text(text, self.batch, engine.model_config)
+        with torch.inference_mode():
+            cross_kv = engine.model.encode_text(text.to(engine.device, engine.dtype))
+            switch = self.cache.begin_recache(recache_sink)
+            if switch is not None:
+                clean, attention = switch
+                zero_t = torch.zeros(clean.shape[:2], device=engine.device)
+                engine.model(clean, zero_t, cross_kv, attention)   # output discarded
+                self.cache.end_recache()
+        self.cross_kv = cross_kv
+        # Static forwards read the text K/V from the workspace: load the new text next time.
+        self.cache.workspace.forget_text(self)
+        self.switches.append((self.block, recache_sink))
+
     def run(self, num_blocks: int, noise: Iterator[torch.Tensor] | None = None,
-            renoise: Sequence[torch.Tensor] | None = None) -> Iterator[BlockOutput]:
+            renoise: Sequence[torch.Tensor] | None = None,
+            text_timeline: Mapping[int, torch.Tensor] | None = None,
+            recache_sink: bool = False) -> Iterator[BlockOutput]:
         """``num_blocks`` blocks, each yielded when done. noise: an iterator of per-block
-        initial noise (default: drawn); renoise: block-major, (steps - 1) per block."""
+        initial noise (default: drawn); renoise: block-major, (steps - 1) per block.
+        text_timeline: {block index (this session's, 0 = its first block): text}; the text
+        switches (``switch_text`` with ``recache_sink``) just before that block."""
         steps = len(self.engine.schedule) - 1
         for i in range(num_blocks):
+            if text_timeline is not None and self.block in text_timeline:
+                self.switch_text(text_timeline[self.block], recache_sink=recache_sink)
             block_renoise = None if renoise is None else renoise[i * steps:(i + 1) * steps]
             yield self.step(None if noise is None else next(noise), block_renoise,
                             prefetch_next=i + 1 < num_blocks)

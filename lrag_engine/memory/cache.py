@@ -11,6 +11,11 @@ This is the seam another AR backbone uses to get LongLive-RAG memory:
         backbone(clean, attn=cache.attention(recache=True)); cache.finish_recache()
         cache.start_retrieval()                         # optional: search for the next
                                                         # block now, on a side stream
+    # between blocks, after switching the text (SPEC section 7):
+    switch = cache.begin_recache(recache_sink=False)    # None: nothing to recompute
+    if switch is not None:
+        clean, attn = switch                            # window frames' clean latents
+        backbone(clean, t=0, new_text, attn=attn); cache.end_recache()
     cache.close()                                       # pages back to the pool
 
 ``attention(...)`` returns a callable ``(layer, q, k, v) -> out`` with q, k, v
@@ -89,6 +94,11 @@ class Workspace:
                 dv.copy_(v)
         self.owner = owner
 
+    def forget_text(self, owner: object) -> None:
+        """``owner``'s text changed: the next :meth:`load_text` copies it in again."""
+        if self.owner is owner:
+            self.owner = None
+
 
 def make_page_pool(memory: MemoryConfig, num_layers: int, batch: int, tokens_per_frame: int, num_heads: int,
                    head_dim: int, dtype: torch.dtype, device: torch.device | str, host_only: bool = False,
@@ -151,6 +161,10 @@ class RetrievalCache:
         # pass over every layer before the next begin_block.
         self._ended = True
         self._recached: set[int] | None = None      # layers the recache pass stored
+        # A switch pass (begin_recache .. end_recache): the layers it stored so far.
+        self._switch: set[int] | None = None
+        self._switched = False      # the context holds a switch pass's, not the block's
+        self._epoch = 0             # bumped by every begin_block and begin_recache
         self.closed = False
         self._pending: tuple[RetrievalResult, torch.cuda.Event | None] | None = None
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -202,21 +216,25 @@ class RetrievalCache:
         self.history.close()
         self.closed = True
 
-    def _check_protocol(self) -> None:
-        """The previous block must have finished: ``end_block`` and a recache pass."""
+    def _check_protocol(self, caller: str = "begin_block") -> None:
+        """The previous block must have finished: ``end_block`` and a recache pass; no
+        switch pass may be open."""
         if self.closed:
-            raise RuntimeError("begin_block: this retrieval attention is closed")
+            raise RuntimeError(f"{caller}: this retrieval attention is closed")
+        if self._switch is not None:
+            raise RuntimeError(f"{caller}: a switch recache pass (begin_recache) is still open: run the backbone "
+                               "with its attention over every layer, then call end_recache()")
         if self.block_index == 0:
             return
         block = self.block_index - 1
         if not self._ended:
-            raise RuntimeError(f"begin_block: end_block(clean) was not called for block {block}; without it "
+            raise RuntimeError(f"{caller}: end_block(clean) was not called for block {block}; without it "
                                "the block's frames get no descriptors and retrieval never finds them")
         layers = self.window.k.shape[0]
         done = self._recached if self._recached is not None else set()
         if len(done) != layers:
             missing = sorted(set(range(layers)) - done)
-            raise RuntimeError(f"begin_block: the recache pass of block {block} did not run for layers {missing}: "
+            raise RuntimeError(f"{caller}: the recache pass of block {block} did not run for layers {missing}: "
                                "call the backbone on the clean block with attention(recache=True) (every layer) "
                                "before the next block, or the window keeps zeros for those frames")
 
@@ -261,6 +279,8 @@ class RetrievalCache:
         self._placement = placement
         self._splice_window(layout, placement)
         self.block_index += 1
+        self._epoch += 1
+        self._switched = False
         self._ended, self._recached = False, None
         return log
 
@@ -335,6 +355,9 @@ class RetrievalCache:
             raise RuntimeError("attention: this retrieval attention is closed")
         if self._placement is None:
             raise RuntimeError("attention: called before begin_block")
+        if self._switched:
+            raise RuntimeError("attention: a switch recache pass replaced the context since the last block "
+                               "began; call begin_block for the next block first")
         cos, sin = self._block_rope
         refetch = self._refetch_layer if self._refetch is not None else None
         if static and refetch is not None:
@@ -351,8 +374,8 @@ class RetrievalCache:
                       on_store=self._recached.add) if recache else {}
         # An eager callable serves this block only; a static forward's (built once, replayed
         # by later blocks and sessions) is never checked.
-        block = self.block_index
-        current = None if static else (lambda: self.block_index == block and not self.closed)
+        epoch = self._epoch
+        current = None if static else (lambda: self._epoch == epoch and not self.closed)
         return BlockAttention(self.context, self._context_frames, cos, sin, self.attend, refetch=refetch,
                               current=current, **window)
 
@@ -383,7 +406,69 @@ class RetrievalCache:
                              f"[{b * f}, {self.descriptor.dim}] (its .dim)")
         desc = desc.view(b, f, -1)
         self.window.descriptors.index_copy_(1, self.block_slots, desc)
+        self.window.store_latents(self.block_slots, clean)   # for a prompt switch's recache
         self.query = desc[:, -1]
         self._ended = True
         if self._descriptors_ready is not None:
             self._descriptors_ready.record()
+
+    # ------------------------------------------------------------------ prompt switch
+    def begin_recache(self, recache_sink: bool = False) -> tuple[torch.Tensor, BlockAttention] | None:
+        """Start the recache pass of a text switch (SPEC section 7), between blocks.
+
+        The window's non-sink frames (all its frames with ``recache_sink``) are recomputed
+        from their clean latents: one forward at timestep 0 under the new text, its queries
+        those frames at their window positions, its keys/values ``[sink | recomputed
+        frames]`` (no mask, no retrieved frames). The attention stores their new
+        un-rotated K/V into their window slots; the history, the descriptors and the
+        retrieval state stay as they are.
+
+        Returns ``(clean, attention)``: run the backbone on ``clean [B, n, ...]`` (the
+        frames' latents, window order) at timestep 0 under the new text with
+        ``attention`` (every layer), discard its output, then call :meth:`end_recache`.
+        None when the window holds no frame to recompute (nothing to run).
+        """
+        if not isinstance(recache_sink, bool):
+            raise TypeError(f"begin_recache: recache_sink must be a bool, got {type(recache_sink).__name__}")
+        self._check_protocol("begin_recache")
+        self.finish_recache()    # a static recache pass's K/V must be in the window first
+        order = self.window.order
+        sink = self.memory.sink
+        kept = [] if recache_sink else [f for f in order if f.frame < sink]
+        redo = [f for f in order if recache_sink or f.frame >= sink]
+        if not redo:
+            return None
+        if self.window.latents is None:
+            raise RuntimeError("begin_recache: the window has no clean latents (end_block was never called)")
+        position = {f.frame: i for i, f in enumerate(order)}
+        # The context: the kept sinks (old K rotated at their window positions), then the
+        # recomputed frames, which the forward writes at the tail as it goes.
+        if kept:
+            pool_k, pool_v = self.window.page_pools()
+            splice(pool_k, pool_v, self.window.page_ids([f.slot for f in kept]),
+                   index_tensor([position[f.frame] for f in kept], self.device), self.tables,
+                   self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
+        slots = index_tensor([f.slot for f in redo], self.device)
+        cos, sin = self.workspace.rope(self.tables, tuple(position[f.frame] for f in redo))
+        clean = self.window.latents.index_select(1, slots)
+        self._epoch += 1
+        self._switched = True
+        self._switch = set()
+        epoch = self._epoch
+        attention = BlockAttention(self.context, len(kept) + len(redo), cos, sin, self.attend,
+                                   window_k=self.window.k, window_v=self.window.v, block_slots=slots,
+                                   on_store=self._switch.add,
+                                   current=lambda: self._epoch == epoch and self._switch is not None
+                                   and not self.closed)
+        return clean, attention
+
+    def end_recache(self) -> None:
+        """Close the switch pass :meth:`begin_recache` opened; every layer must have run."""
+        if self._switch is None:
+            raise RuntimeError("end_recache: no switch recache pass is open (call begin_recache first)")
+        layers = self.window.k.shape[0]
+        if len(self._switch) != layers:
+            missing = sorted(set(range(layers)) - self._switch)
+            raise RuntimeError(f"end_recache: the switch recache pass did not run for layers {missing}: the "
+                               "window would mix K/V of the old and the new text")
+        self._switch = None

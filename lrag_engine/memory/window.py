@@ -5,6 +5,10 @@ Storage is a fixed ring of ``W`` physical slots per stream and layer, holding
 (oldest first, sinks leading) is kept on the host as a list of (global frame, slot);
 all streams of a batch move in lockstep, so one order serves the whole batch.
 Frames never move between slots: eviction only frees the slot.
+
+The window also keeps the clean latents of the frames it holds, by slot (a ring of W
+frames, allocated on the first block): a prompt switch (SPEC section 7) recomputes the
+window's K/V from them, so the memory they take is O(window), not O(video).
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ class WindowCache:
         self.descriptors = torch.zeros(batch, window, descriptor_dim, dtype=torch.float32, device=device)
         self.order: list[WindowFrame] = []
         self.next_frame = 0
+        # Clean latents [B, W, ...] of the frame in each slot; made by the first store.
+        self.latents: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.order)
@@ -60,6 +66,21 @@ class WindowCache:
     def commit(self, placement: BlockPlacement) -> None:
         self.order = list(placement.order)
         self.next_frame = placement.block[-1].frame + 1
+
+    def store_latents(self, slots: torch.Tensor, clean: torch.Tensor) -> None:
+        """Keep the clean latents ``clean [B, F, ...]`` of the frames in ``slots [F]``."""
+        clean = clean.detach()
+        batch, window = self.descriptors.shape[:2]
+        if self.latents is None:
+            # A normal tensor even when the first store runs under inference_mode, so later
+            # in-place stores work in and out of it.
+            with torch.inference_mode(False):
+                self.latents = torch.zeros((batch, window, *clean.shape[2:]), dtype=clean.dtype,
+                                           device=self.k.device)
+        elif tuple(self.latents.shape[2:]) != tuple(clean.shape[2:]):
+            raise ValueError(f"clean frames of shape {list(clean.shape[2:])} differ from the earlier blocks' "
+                             f"{list(self.latents.shape[2:])}")
+        self.latents.index_copy_(1, slots, clean.to(self.latents.device, self.latents.dtype))
 
     def gather(self, frames: tuple[WindowFrame, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V [L, B, Fe, N, H, D] and descriptors [B, Fe, Dd] of ``frames`` (copies)."""

@@ -19,8 +19,9 @@ def test_generate_writes_latents_log_preview_and_plot(tmp_path, capsys):
         assert len(entry["selected"][0]) == len(entry["similarities"][0]) <= 2
         assert all(f < entry["frames"][0] for f in entry["selected"][0])
     assert (out / "preview.png").stat().st_size > 0 and (out / "retrieval_log.png").stat().st_size > 0
+    assert (out / "video.mp4").stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "random weights" in printed and "fixed random embedding" in printed
+    assert "random weights" in printed and "text encoder and VAE are random" in printed
 
 
 def test_text_file_and_batch(tmp_path):

@@ -1,4 +1,4 @@
-"""A deliberately naive reference for LongLive-RAG generation (SPEC sections 2, 3, 4, 6).
+"""A deliberately naive reference for LongLive-RAG generation (SPEC sections 2, 3, 4, 6, 7).
 
 Written from the specification alone and sharing no code with the engine: one batch
 element at a time, plain Python lists and dicts for the caches, the window and history
@@ -414,18 +414,60 @@ def embed_text(state: dict, cfg, text: torch.Tensor) -> torch.Tensor:
     return linear(gelu_tanh(linear(padded, state, "text_embedding.0")), state, "text_embedding.2")
 
 
+# ----------------------------------------------------------------------------- prompt switch
+
+def switch_context(window_frames: list[int], sink: int, recache_sink: bool) -> tuple[BlockContext, list[int]]:
+    """SPEC section 7: the context of the recache pass that a text switch runs.
+
+    window_frames: the window before the switch, oldest first. The recomputed frames are
+    the non-sink ones (every one with ``recache_sink``); they query at their window
+    slots, and the keys/values are [sink | recomputed frames], each at its window slot.
+    Returns (context, recomputed frames).
+    """
+    slot = {frame: i for i, frame in enumerate(window_frames)}
+    redo = [f for f in window_frames if recache_sink or f >= sink]
+    kept = [] if recache_sink else [f for f in window_frames if f < sink]
+    entries = [ContextEntry(f, slot[f]) for f in kept] + [ContextEntry(f, slot[f]) for f in redo]
+    return BlockContext(entries, [slot[f] for f in redo]), redo
+
+
+def recache_window(state, cfg, window_frames: list[int], sink: int, recache_sink: bool, latents: torch.Tensor,
+                   text_tokens: torch.Tensor, cache: list[dict]) -> list[int]:
+    """Recompute the window's K/V under ``text_tokens`` from the clean ``latents [T, C, H, W]``:
+    one forward at timestep 0, outputs discarded; the new K/V replace the old ones in
+    ``cache`` (history frames are not touched). Returns the recomputed frames."""
+    context, redo = switch_context(window_frames, sink, recache_sink)
+    if not redo:
+        return []
+    _, new_kv = dit_forward(state, cfg, latents[redo], [0.0] * len(redo), text_tokens, context, redo, cache)
+    for layer, (k, v) in enumerate(new_kv):
+        for offset, frame in enumerate(redo):
+            cache[layer][frame] = (k[offset], v[offset])
+    return redo
+
+
 # ----------------------------------------------------------------------------- generation
 
 def _generate_one(state, cfg, noise, text, renoise, plans, timesteps, window, sink, top_k,
-                  recency_guard, widen):
-    """One batch element: noise [T, C, H, W], text [L, text_dim], renoise list of [F, C, H, W]."""
+                  recency_guard, widen, switches=None, recache_sink=False, caches=None):
+    """One batch element: noise [T, C, H, W], text [L, text_dim], renoise list of [F, C, H, W].
+
+    switches: {block: text [L, text_dim]} (SPEC section 7); caches: a list that gets this
+    element's final K/V cache."""
     text_tokens = embed_text(state, cfg, text)
     cache: list[dict] = [{} for _ in range(cfg.num_layers)]
+    if caches is not None:
+        caches.append(cache)
     descriptors: dict[int, torch.Tensor] = {}
     latents = torch.empty_like(noise)
     logs = []
     renoise_iter = iter(renoise)
     for plan in plans:
+        if switches and plan.block in switches:
+            text_tokens = embed_text(state, cfg, switches[plan.block])
+            if plan.block > 0:
+                recache_window(state, cfg, plans[plan.block - 1].window, sink, recache_sink, latents,
+                               text_tokens, cache)
         query_frame, selected, similarities, margin = None, [], [], math.inf
         if top_k > 0 and plan.block > 0:
             query_frame = plan.frames[0] - 1
@@ -457,12 +499,15 @@ def _generate_one(state, cfg, noise, text, renoise, plans, timesteps, window, si
 def naive_generate(state_dict, model_cfg, window, sink, top_k, recency_guard, frames_per_block,
                    noise, text, renoise, steps=(1000, 750, 500, 250), shift=5.0,
                    widen_local_until_memory=False, dtype=torch.float32, history_capacity=None,
-                   overflow="drop_oldest"):
+                   overflow="drop_oldest", text_timeline=None, recache_sink=False, caches=None):
     """Generate a video the slow, obvious way.
 
     noise: [B, T, C, H, W]; text: [B, L, text_dim]; renoise: one [B, F, C, H, W] per block
     and non-final step, block-major. history_capacity / overflow: see ``plan_windows``
     (HistoryOverflow before any work when the "error" policy would trip).
+    text_timeline: {block: text [B, L, text_dim]}: the text switches before that block
+    (SPEC section 7, ``recache_sink`` as there; at block 0 it just replaces ``text``).
+    caches: a list that gets each batch element's final K/V cache, [layer][frame] -> (k, v).
     Returns (latents [B, T, C, H, W] in ``dtype``, log),
     log holding one dict per block: block, frames (start, stop), query_frame (global id
     or None), selected (per batch element, global ids best first), similarities, and
@@ -484,9 +529,11 @@ def naive_generate(state_dict, model_cfg, window, sink, top_k, recency_guard, fr
 
     latents, per_element = [], []
     for b in range(batch):
+        switches = {block: t[b].to(dtype) for block, t in (text_timeline or {}).items()}
         out, logs = _generate_one(state, model_cfg, noise[b].to(dtype), text[b].to(dtype),
                                   [r[b].to(dtype) for r in renoise], plans, timesteps,
-                                  window, sink, top_k, recency_guard, widen_local_until_memory)
+                                  window, sink, top_k, recency_guard, widen_local_until_memory,
+                                  switches, recache_sink, caches)
         latents.append(out)
         per_element.append(logs)
 
