@@ -302,7 +302,10 @@ void PagedMemory::release_page(int32_t page) {
 }
 
 void PagedMemory::drop_oldest(const std::vector<int64_t>& streams, int64_t count) {
+  std::unordered_set<int64_t> seen;
   for (int64_t s : streams) {
+    // A stream listed twice would be cut twice, past what was checked.
+    if (!seen.insert(s).second) throw std::invalid_argument("drop_oldest: " + stream_name(s) + " listed twice");
     const int64_t n = num_frames(s);
     if (count < 0 || count > n) {
       throw std::out_of_range("drop_oldest: cannot drop " + std::to_string(count) + " frames of " +

@@ -129,3 +129,13 @@ def test_grow_keeps_existing_slots():
     assert mem.slot(mem.page(s, 0, 0)) == slot
     assert mem.usage()["gpu_capacity"] == 3 and mem.usage()["host_capacity"] == 2 and mem.free_pages() == 4
     mem.check_invariants()
+
+
+def test_drop_oldest_refuses_a_stream_listed_twice_and_changes_nothing():
+    mem = _mem(2, 8, 0)
+    s = mem.create_stream()
+    mem.append([s], 3)
+    with pytest.raises(ValueError, match=f"drop_oldest: stream {s} listed twice"):
+        mem.drop_oldest([s, s], 2)   # would otherwise cut 4 frames of a 3-frame stream
+    assert mem.num_frames(s) == 3 and mem.usage()["gpu_used"] == 6
+    mem.check_invariants()
