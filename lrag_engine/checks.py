@@ -77,6 +77,18 @@ def check_text(text: torch.Tensor, batch: int, cfg: ModelConfig) -> None:
         raise ValueError(f"text must have 1..text_len={cfg.text_len} tokens, got {text.shape[1]}")
 
 
+def check_initial_latents(latents, batch: int, cfg: ModelConfig, num_frames: int | None = None) -> None:
+    """Given clean frames [B, n, C, H, W], 1 <= n, finite; with ``num_frames`` the stream's
+    n + num_frames frames must stay within MAX_FRAMES."""
+    check_tensor("initial_latents", latents, (batch, None, cfg.in_channels, cfg.height, cfg.width))
+    n = latents.shape[1]
+    if n < 1:
+        raise ValueError("initial_latents must hold at least one frame, got 0")
+    if num_frames is not None and n + num_frames > MAX_FRAMES:
+        raise ValueError(f"initial_latents ({n} frames) + num_frames ({num_frames}) must be <= {MAX_FRAMES} "
+                         "(frame numbers are 32-bit)")
+
+
 def check_renoise(renoise, batch: int, num_blocks: int, steps: int, frames_per_block: int,
                   cfg: ModelConfig) -> list[torch.Tensor] | None:
     if renoise is None:

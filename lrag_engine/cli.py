@@ -100,6 +100,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-at", action="append", default=[], metavar="BLOCK:PROMPT",
                    help="switch to PROMPT from block BLOCK on (a block is --frames-per-block latent frames); "
                         "repeatable")
+    p.add_argument("--image", help="start from this image (png/jpg): its VAE latent is the first frame, resized to "
+                                   "the model's frame size")
+    p.add_argument("--video", help="continue this video (mp4): its first 1 + 4k frames, resized, become the "
+                                   "first latent frames")
     p.add_argument("--recache-sink", action="store_true", help="a prompt switch also recomputes the sink frames")
     p.add_argument("--text", help="text embedding file [L, text_dim] or [B, L, text_dim] instead of --prompt")
     p.add_argument("--encoder", help="retrieval encoder checkpoint for descriptors (default: the spatial mean)")
@@ -204,6 +208,27 @@ def _build_engine(args, memory: MemoryConfig, runtime: RuntimeConfig):
     return engine, f"preset {args.preset}, {weights}"
 
 
+def _initial_latents(engine, image: str | None, video: str | None) -> torch.Tensor:
+    """An image (one latent frame) or the first 1 + 4k frames of a video, resized to the
+    model's frame size and encoded by the engine's VAE."""
+    from .pipeline.video import read_image, read_video
+
+    if engine.vae is None:
+        raise ValueError("--image/--video need a VAE: --model-dir, or the built-in default without --text")
+    frames = read_image(image)[None] if image else read_video(video)
+    if frames.shape[0] == 0:
+        raise ValueError(f"--video {video!r} has no frames")
+    frames = frames[: 1 + 4 * ((frames.shape[0] - 1) // 4)]          # the Wan VAE takes 1 + 4k frames
+    cfg = engine.model_config
+    size = (cfg.height * 8, cfg.width * 8)
+    pixels = frames.permute(0, 3, 1, 2).float()
+    if tuple(pixels.shape[-2:]) != size:
+        pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True,
+                                                 align_corners=False)
+    pixels = pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return engine.vae.encode(pixels[None].to(engine.vae.device)).float()
+
+
 def cmd_generate(args) -> int:
     dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     memory = MemoryConfig(window=args.window, sink=args.sink, top_k=args.top_k,
@@ -240,6 +265,11 @@ def cmd_generate(args) -> int:
         run = dict(text=text)
     else:
         run = dict(prompt=prompt, prompt_timeline=timeline or None, recache_sink=args.recache_sink)
+    if args.image and args.video:
+        raise ValueError("give either --image or --video, not both")
+    if args.image or args.video:
+        run["initial_latents"] = _initial_latents(engine, args.image, args.video)
+        print(f"start: {run['initial_latents'].shape[1]} latent frames from {args.image or args.video}")
     start = time.perf_counter()
     result = engine.generate(args.frames, seed=args.seed, batch_size=args.batch, progress=True,
                              video_path=outputs["video"] if engine.vae is not None else None, fps=args.fps, **run)
@@ -292,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc)
         if args.command == "generate":
             message = _flag_names(message, [args.text, args.checkpoint, args.lora, args.encoder, args.out,
-                                            args.model_dir])
+                                            args.model_dir, args.image, args.video])
         print(f"lrag-engine: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 

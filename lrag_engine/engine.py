@@ -349,7 +349,7 @@ class Engine:
         return text, dict(sorted(timeline.items())) or None
 
     def _prepare(self, num_frames: int, text, noise, renoise, seed, batch_size, keep_output: bool,
-                 memory: MemoryConfig, text_timeline=None, recache_sink: bool = False):
+                 memory: MemoryConfig, text_timeline=None, recache_sink: bool = False, initial_latents=None):
         """Validate a run's inputs, allocating nothing proportional to ``num_frames``.
 
         keep_output: the run's whole output is kept (``generate``), so it must fit in memory.
@@ -359,7 +359,11 @@ class Engine:
         checks.check_num_frames(num_frames, f)
         text, timeline = self._check_timeline(text_timeline, text, recache_sink, num_frames // f)
         first_switch = None if timeline is None else next(iter(timeline.values()))
-        batch = checks.infer_batch(batch_size, noise, text, first_switch)
+        batch = checks.infer_batch(batch_size, noise, text, first_switch, initial_latents)
+        primed = 0
+        if initial_latents is not None:
+            checks.check_initial_latents(initial_latents, batch, cfg, num_frames)
+            primed = initial_latents.shape[1]
         if keep_output:
             checks.check_output_fits(cfg, batch, num_frames, self.device)
         if noise is not None:
@@ -375,8 +379,8 @@ class Engine:
         num_blocks = num_frames // f
         renoise = checks.check_renoise(renoise, batch, num_blocks, len(self.schedule), f, cfg)
         seed = self.seed if seed is None else check_seed(seed)
-        checks.check_history_budget(memory, cfg, self.dtype, num_frames, batch, self._host_only)
-        return batch, num_blocks, text, noise, renoise, seed, timeline, recache_sink
+        checks.check_history_budget(memory, cfg, self.dtype, primed + num_frames, batch, self._host_only)
+        return batch, num_blocks, text, noise, renoise, seed, timeline, recache_sink, initial_latents
 
     # ------------------------------------------------------------------ generation
     def stream(self, num_frames: int, text: torch.Tensor | None = None, noise: torch.Tensor | None = None,
@@ -385,7 +389,8 @@ class Engine:
                widen_local_until_memory: bool | None = None,
                text_timeline: Mapping[int, torch.Tensor] | None = None,
                recache_sink: bool = False, prompt: str | Sequence[str] | None = None,
-               prompt_timeline: Mapping[int, str | Sequence[str]] | None = None) -> Iterator[BlockOutput]:
+               prompt_timeline: Mapping[int, str | Sequence[str]] | None = None,
+               initial_latents: torch.Tensor | None = None) -> Iterator[BlockOutput]:
         """Generate ``num_frames`` latent frames, yielding each block when it is finished.
 
         num_frames: a positive multiple of ``frames_per_block`` F, at most ``MAX_FRAMES``
@@ -411,17 +416,39 @@ class Engine:
         run are a prefix of those of a longer run with the same seed and batch. Without
         ``renoise`` the re-noise is drawn on the engine's device from that second generator,
         one ``[B, F, C, H, W]`` per block and non-final step, in order.
+
+        initial_latents: start from given clean frames ``[B, n, C, H, W]`` (normalised
+        latents, e.g. from ``WanVAE.encode``; an image gives n = 1), as Self-Forcing's
+        ``initial_latent``. Before the first generated block they are written into the
+        cache block by block, each with one forward at timestep 0 under ``text`` (a
+        generated block's recache pass, same context rules: sinks, retrieved, local), so
+        they count as generated frames for the sink, the window, the history and
+        retrieval; when n is not a multiple of F the first of these blocks holds the
+        n mod F remainder (an image: one frame), then blocks of F (``Session.prime``).
+        They yield no block, draw no noise and have no log entries (logs and
+        ``text_timeline`` number the generated blocks from 0); ``num_frames`` counts the
+        generated frames only, which are all that is returned, their global frame ids
+        starting at n. n + num_frames must be <= ``MAX_FRAMES``. With a VAE the given frames
+        are decoded first and lead the first block's ``frames_rgb`` (the video continues
+        them: 4 (n + num_frames) - 3 frames in all).
         """
         text, text_timeline = self._prompt_texts(prompt, prompt_timeline, text, text_timeline)
         memory = self.session_memory(top_k, recency_guard, widen_local_until_memory)
         args = self._prepare(num_frames, text, noise, renoise, seed, batch_size, keep_output=False, memory=memory,
-                             text_timeline=text_timeline, recache_sink=recache_sink)
+                             text_timeline=text_timeline, recache_sink=recache_sink,
+                             initial_latents=initial_latents)
         return self._run(memory, *args)
 
     def _run(self, memory, batch, num_blocks, text, noise, renoise, seed, timeline=None,
-             recache_sink=False) -> Iterator[BlockOutput]:
+             recache_sink=False, initial_latents=None) -> Iterator[BlockOutput]:
         session = Session(self, batch, text, seed, memory)
         self.last_session = session   # the last run's state, for inspection
+        if initial_latents is not None:
+            try:
+                session.prime(initial_latents)
+            except BaseException:
+                session.close()
+                raise
         f = memory.frames_per_block
         block_noise = None
         if noise is not None:
@@ -433,11 +460,18 @@ class Engine:
         # Pixels: each block is decoded as soon as it is done, the VAE's causal cache carried
         # from block to block (on CUDA on the decoder's own stream).
         decoder = self.vae.stream_decoder() if self.vae is not None else None
+        # Given frames are decoded first: the video continues them, and the decoder's causal
+        # cache holds them when the first generated block is decoded.
+        given = None
+        if decoder is not None and initial_latents is not None:
+            given = decoder.decode_block(initial_latents.to(self.device, torch.float32))
         try:
             for out in session.run(num_blocks, block_noise, renoise, text_timeline=timeline,
                                    recache_sink=recache_sink):
                 if decoder is not None:
                     out.frames_rgb = decoder.decode_block(out.latents)
+                    if given is not None:
+                        out.frames_rgb, given = torch.cat([given, out.frames_rgb], dim=1), None
                 yield out
         finally:
             session.close()   # a consumer may stop early: settle the side stream, free the pages
@@ -449,7 +483,8 @@ class Engine:
                  text_timeline: Mapping[int, torch.Tensor] | None = None,
                  recache_sink: bool = False, prompt: str | Sequence[str] | None = None,
                  prompt_timeline: Mapping[int, str | Sequence[str]] | None = None,
-                 video_path: str | Path | None = None, fps: int = 16) -> GenerationResult:
+                 video_path: str | Path | None = None, fps: int = 16,
+                 initial_latents: torch.Tensor | None = None) -> GenerationResult:
         """Generate a whole video; see ``stream`` for the arguments.
 
         Returns latents [B, T, C, H, W] (float32, CPU) and the per-block retrieval log: the
@@ -457,14 +492,16 @@ class Engine:
         [B, 4T - 3, 8H, 8W, 3] uint8, and with ``video_path`` the first stream's frames are
         appended to that mp4 block by block (written atomically at the end). Each block is
         copied to the host output as it finishes (asynchronously from the device), so the
-        device never holds the whole video. A ``num_frames`` whose float32 output exceeds
-        the physical memory is a ValueError before any work.
+        device never holds the whole video. With ``initial_latents`` only the generated
+        frames are returned (``stream`` documents the rule). A ``num_frames`` whose float32
+        output exceeds the physical memory is a ValueError before any work.
         """
         text, text_timeline = self._prompt_texts(prompt, prompt_timeline, text, text_timeline)
         memory = self.session_memory(top_k, recency_guard, widen_local_until_memory)
         batch, num_blocks, *rest = self._prepare(num_frames, text, noise, renoise, seed, batch_size,
                                                  keep_output=True, memory=memory, text_timeline=text_timeline,
-                                                 recache_sink=recache_sink)
+                                                 recache_sink=recache_sink, initial_latents=initial_latents)
+        primed = 0 if initial_latents is None else initial_latents.shape[1]
         cfg = self.model_config
         out = torch.empty(batch, num_frames, cfg.in_channels, cfg.height, cfg.width,
                           pin_memory=self.device.type == "cuda")
@@ -482,7 +519,7 @@ class Engine:
         start = time.perf_counter()
         try:
             for block in self._run(memory, batch, num_blocks, *rest):
-                host = out[:, block.frames[0]:block.frames[1]]
+                host = out[:, block.frames[0] - primed:block.frames[1] - primed]   # generated frames only
                 host.copy_(block.latents, non_blocking=True)
                 block.latents = host   # the device copy is released (stream-ordered reuse)
                 if block.frames_rgb is not None:

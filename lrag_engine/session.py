@@ -96,13 +96,15 @@ class Session:
         self._seen: set[tuple] = set()   # context signatures this session has run
         self.switches: list[tuple[int, bool]] = []   # (block it applies before, recache_sink)
         self.block = 0
+        self.primed = 0      # given clean frames written by prime() before the first block
         self.closed = False
 
     # ------------------------------------------------------------------ state
     @property
     def position(self) -> int:
-        """Frames generated so far (the first frame of the next block)."""
-        return self.block * self.frames_per_block
+        """Frames in the stream so far, primed ones included (the first frame of the next
+        block)."""
+        return self.primed + self.block * self.frames_per_block
 
     @property
     def history(self):
@@ -173,9 +175,43 @@ class Session:
             self._seen.add(cache.signature)
             if prefetch_next:
                 cache.start_retrieval()   # overlaps with the recache pass on CUDA
-        block = self.block
+        block, first = self.block, self.position
         self.block += 1
-        return BlockOutput(block, (block * f, (block + 1) * f), x0, log, time.perf_counter() - start)
+        return BlockOutput(block, (first, first + f), x0, log, time.perf_counter() - start)
+
+    def prime(self, latents: torch.Tensor) -> None:
+        """Start the stream from given clean latent frames (image-to-video, video
+        continuation), before the first block.
+
+        latents: [B, n, C, H, W], normalised clean latents (e.g. ``WanVAE.encode``; an
+        image gives n = 1). They enter the cache block by block, each with one forward at
+        timestep 0 (a generated block's recache pass, with its context rules: sinks,
+        retrieved, local), so they count as generated frames for the sink, the window,
+        the history and retrieval. When n is not a multiple of F the first block holds
+        the n mod F remainder, then blocks of F. These blocks yield no BlockOutput, draw
+        no noise and are not numbered in the logs; the next block's frames start at n.
+        They run eagerly, also on an engine with static forwards.
+        """
+        if self.closed:
+            raise RuntimeError("Session.prime: the session is closed")
+        if self.block or self.primed:
+            raise RuntimeError("Session.prime: only before the first block (and once)")
+        engine, cache = self.engine, self.cache
+        checks.check_initial_latents(latents, self.batch, engine.model_config)
+        latents = latents.to(engine.device, torch.float32)
+        n, f = latents.shape[1], self.frames_per_block
+        sizes = ([n % f] if n % f else []) + [f] * (n // f)
+        with torch.inference_mode():
+            start = 0
+            for size in sizes:
+                clean = latents[:, start:start + size]
+                cache.begin_block(size)          # its log is never read
+                cache.unlogged_blocks += 1
+                cache.end_block(clean)
+                zero_t = self._zero_t if size == f else torch.zeros(self.batch, size, device=engine.device)
+                engine.model(clean, zero_t, self.cross_kv, cache.attention(recache=True))
+                start += size
+        self.primed = n
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, recache: bool) -> torch.Tensor:
         engine, cache = self.engine, self.cache

@@ -118,7 +118,8 @@ class RetrievalAttention(RetrievalCache):
                          page_table=page_table)
 
     def begin_block(self, frames: int | None = None) -> Callable[[], BlockLog]:
-        """Start the next block of ``frames_per_block`` frames: search the history (unless
+        """Start the next block of ``frames`` frames (default ``frames_per_block``; fewer
+        only for a short block priming the cache from given frames): search the history (unless
         ``start_retrieval`` did), move frames leaving the window into it, splice the
         context. Returns the block's log as a callable (reading it may wait for the device)."""
         return super().begin_block(self.memory.frames_per_block if frames is None else frames)

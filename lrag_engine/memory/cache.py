@@ -5,7 +5,7 @@ This is the seam another AR backbone uses to get LongLive-RAG memory:
 
     cache = RetrievalCache(...)
     for each block:
-        log = cache.begin_block(frames)                 # search, evict, splice
+        log = cache.begin_block(frames)                 # search, evict, splice (frames <= F)
         for each denoising forward: backbone(x, attn=cache.attention(recache=False))
         cache.end_block(clean_frames)                   # descriptors of the new frames
         backbone(clean, attn=cache.attention(recache=True)); cache.finish_recache()
@@ -148,11 +148,13 @@ class RetrievalCache:
         self.refetch_per_forward = refetch_per_forward
         self.query: torch.Tensor | None = None          # [B, Dd] descriptor of the newest frame
         self.block_index = 0
+        self.unlogged_blocks = 0    # blocks not numbered in the logs (priming from given frames)
         self.signature: tuple = ()
         self._placement: BlockPlacement | None = None
         self._context_frames = 0
         # Persistent device buffers, updated in place.
-        self.block_slots = torch.zeros(memory.frames_per_block, dtype=torch.int64, device=self.device)
+        self._full_slots = torch.zeros(memory.frames_per_block, dtype=torch.int64, device=self.device)
+        self.block_slots = self._full_slots     # [frames of the current block]
         self._block_rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._refetch: list | None = None
         self._refetch_rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -239,13 +241,21 @@ class RetrievalCache:
                                "before the next block, or the window keeps zeros for those frames")
 
     # ------------------------------------------------------------------ block start
-    def begin_block(self, frames: int) -> Callable[[], BlockLog]:
+    def begin_block(self, frames: int | None = None) -> Callable[[], BlockLog]:
         """Search the history (unless ``start_retrieval`` already did), evict what the block
         pushes out, splice the context. Returns a deferred log: call it to read the block's
-        retrieval log on the host."""
-        if frames != self.memory.frames_per_block:
-            raise ValueError(f"begin_block: frames must be frames_per_block={self.memory.frames_per_block}, "
-                             f"got {frames}")
+        retrieval log on the host.
+
+        frames: the block's frame count, ``frames_per_block`` F by default; a shorter
+        block (1 <= frames < F) serves priming from given clean frames (``Session.prime``),
+        whose first block holds the remainder when their count is not a multiple of F.
+        """
+        full = self.memory.frames_per_block
+        if frames is None:
+            frames = full
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= full:
+            raise ValueError(f"begin_block: frames must be frames_per_block={full}, got {frames!r} (a short "
+                             f"block, for priming from given frames, may hold 1..{full} frames)")
         self._check_protocol()
         self.finish_recache()
         if self._pending is None:
@@ -260,7 +270,7 @@ class RetrievalCache:
         # Global id of history frame i, fixed before this block's evictions.
         frame_offset = self.memory.sink + self.history.dropped_frames
         first = self.window.next_frame
-        log = make_log(self.block_index, (first, first + frames),
+        log = make_log(self.block_index - self.unlogged_blocks, (first, first + frames),
                        first - 1 if self.query is not None and self.memory.top_k > 0 else None,
                        result, frame_offset)
 
@@ -328,7 +338,14 @@ class RetrievalCache:
             pool_k, pool_v = self.window.page_pools()
             splice(pool_k, pool_v, self.window.page_ids(layout.slots), index_tensor(layout.positions, self.device),
                    self.tables, self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
-        self.block_slots.copy_(index_tensor([f.slot for f in placement.block], self.device))
+        slots = index_tensor([f.slot for f in placement.block], self.device)
+        if len(placement.block) == self._full_slots.shape[0]:
+            # A full block: the persistent buffer (what static forwards were built around).
+            self.block_slots = self._full_slots
+            self.block_slots.copy_(slots)
+        else:
+            # A short (priming) block: eager forwards only, a tensor of its own.
+            self.block_slots = slots
         self._block_rope = self.workspace.rope(self.tables, layout.block_positions)
 
     def _refetch_layer(self, layer: int) -> None:
@@ -362,6 +379,9 @@ class RetrievalCache:
         refetch = self._refetch_layer if self._refetch is not None else None
         if static and refetch is not None:
             raise ValueError("RetrievalCache.attention: static forwards cannot refetch per forward")
+        if static and self.block_slots is not self._full_slots:
+            raise ValueError("RetrievalCache.attention: a short (priming) block runs eagerly only; static "
+                             "forwards serve blocks of frames_per_block frames")
         self._staged = recache and static
         if recache:
             # A static forward replays without Python: its recache pass stores every layer.
@@ -390,11 +410,12 @@ class RetrievalCache:
 
     # ------------------------------------------------------------------ block end
     def end_block(self, clean: torch.Tensor) -> None:
-        """clean [B, F, C, H, W]: the block's output; its descriptors index the frames."""
+        """clean [B, F, C, H, W]: the block's output (F: the frames begin_block placed);
+        its descriptors index the frames."""
         if self._placement is None or self._ended:
             raise RuntimeError("end_block: no block is running (call begin_block first, and end_block once "
                                "per block)")
-        frames = self.memory.frames_per_block
+        frames = len(self._placement.block)
         if not isinstance(clean, torch.Tensor) or clean.dim() < 3 or clean.shape[:2] != (self.batch, frames):
             got = tuple(clean.shape) if isinstance(clean, torch.Tensor) else type(clean).__name__
             raise ValueError(f"end_block: clean must be the block's output [B={self.batch}, F={frames}, C, ...], "

@@ -210,22 +210,34 @@ class HistoryOverflow(Exception):
     """The history outgrew its capacity under the "error" overflow policy."""
 
 
+def priming_block_sizes(num_given: int, frames_per_block: int) -> list[int]:
+    """Given clean frames enter as blocks of [n mod F (when not 0), F, F, ...]."""
+    remainder = num_given % frames_per_block
+    return ([remainder] if remainder else []) + [frames_per_block] * (num_given // frames_per_block)
+
+
 def plan_windows(num_blocks: int, frames_per_block: int, window: int, sink: int,
-                 capacity: int | None = None, overflow: str = "drop_oldest") -> list[BlockWindow]:
+                 capacity: int | None = None, overflow: str = "drop_oldest",
+                 leading_blocks: list[int] | None = None) -> list[BlockWindow]:
     """Simulate the window frame by frame: sinks never leave, the oldest non-sink frames go.
 
     capacity: history frames kept (None: all). Past it, ``overflow="drop_oldest"``
     forgets the oldest history frames one by one; ``"error"`` raises HistoryOverflow.
+    leading_blocks: sizes of blocks (of given frames) before the ``num_blocks`` blocks of
+    ``frames_per_block``; they are planned by the same rules.
     """
     in_window: list[int] = []
     history: list[int] = []
     evicted_ever: list[int] = []
     plans = []
-    for block in range(num_blocks):
-        frames = list(range(block * frames_per_block, (block + 1) * frames_per_block))
+    sizes = list(leading_blocks or []) + [frames_per_block] * num_blocks
+    next_frame = 0
+    for block, size in enumerate(sizes):
+        frames = list(range(next_frame, next_frame + size))
+        next_frame += size
         history_before = list(history)
         evicted = []
-        while len(in_window) + frames_per_block > window:
+        while len(in_window) + size > window:
             victim = next(f for f in in_window if f >= sink)
             in_window.remove(victim)
             history.append(victim)
@@ -449,20 +461,49 @@ def recache_window(state, cfg, window_frames: list[int], sink: int, recache_sink
 # ----------------------------------------------------------------------------- generation
 
 def _generate_one(state, cfg, noise, text, renoise, plans, timesteps, window, sink, top_k,
-                  recency_guard, widen, switches=None, recache_sink=False, caches=None):
+                  recency_guard, widen, switches=None, recache_sink=False, caches=None, given=None):
     """One batch element: noise [T, C, H, W], text [L, text_dim], renoise list of [F, C, H, W].
 
     switches: {block: text [L, text_dim]} (SPEC section 7); caches: a list that gets this
-    element's final K/V cache."""
+    element's final K/V cache. given: clean frames [n, C, H, W] that the first plans
+    (blocks of sizes ``priming_block_sizes``) write into the cache with the timestep-0
+    pass only; they get no log entry, and block numbers in ``switches`` and the log
+    count the generated blocks only. Returns the generated latents only."""
+    n_given = 0 if given is None else given.shape[0]
+    primes = len(priming_block_sizes(n_given, len(plans[-1].frames))) if n_given else 0
+    if primes and switches:
+        switches = dict(switches)
+        if 0 in switches:
+            text = switches.pop(0)   # block 0's text: the given frames run under it too
+        switches = {block + primes: t for block, t in switches.items()}
     text_tokens = embed_text(state, cfg, text)
     cache: list[dict] = [{} for _ in range(cfg.num_layers)]
     if caches is not None:
         caches.append(cache)
     descriptors: dict[int, torch.Tensor] = {}
-    latents = torch.empty_like(noise)
+    latents = torch.empty(n_given + noise.shape[0], *noise.shape[1:], dtype=noise.dtype)
+    if n_given:
+        latents[:n_given] = given
     logs = []
     renoise_iter = iter(renoise)
     for plan in plans:
+        if plan.block < primes:
+            # Given frames: the block is the clean frames, written by the recache pass alone.
+            query_frame, selected = None, []
+            if top_k > 0 and plan.block > 0:
+                query_frame = plan.frames[0] - 1
+                selected, _, _ = retrieve(descriptors[query_frame], descriptors,
+                                          eligible_frames(plan.history_before, recency_guard), top_k)
+            context = block_context(plan, window, sink, top_k, selected, widen)
+            x0 = latents[plan.frames[0]:plan.frames[-1] + 1]
+            for offset, frame in enumerate(plan.frames):
+                descriptors[frame] = x0[offset].mean(dim=(-2, -1))
+            _, new_kv = dit_forward(state, cfg, x0, [0.0] * len(plan.frames), text_tokens, context,
+                                    plan.frames, cache)
+            for layer, (k, v) in enumerate(new_kv):
+                for offset, frame in enumerate(plan.frames):
+                    cache[layer][frame] = (k[offset], v[offset])
+            continue
         if switches and plan.block in switches:
             text_tokens = embed_text(state, cfg, switches[plan.block])
             if plan.block > 0:
@@ -477,7 +518,7 @@ def _generate_one(state, cfg, noise, text, renoise, plans, timesteps, window, si
         start, stop = plan.frames[0], plan.frames[-1] + 1
         n = len(plan.frames)
 
-        x = noise[start:stop]
+        x = noise[start - n_given:stop - n_given]
         for i, t in enumerate(timesteps):
             flow, _ = dit_forward(state, cfg, x, [t] * n, text_tokens, context, plan.frames, cache)
             x0 = x - (t / NUM_TRAIN_TIMESTEPS) * flow
@@ -493,13 +534,14 @@ def _generate_one(state, cfg, noise, text, renoise, plans, timesteps, window, si
             for offset, frame in enumerate(plan.frames):
                 cache[layer][frame] = (k[offset], v[offset])
         logs.append((query_frame, selected, similarities, margin))
-    return latents, logs
+    return latents[n_given:], logs
 
 
 def naive_generate(state_dict, model_cfg, window, sink, top_k, recency_guard, frames_per_block,
                    noise, text, renoise, steps=(1000, 750, 500, 250), shift=5.0,
                    widen_local_until_memory=False, dtype=torch.float32, history_capacity=None,
-                   overflow="drop_oldest", text_timeline=None, recache_sink=False, caches=None):
+                   overflow="drop_oldest", text_timeline=None, recache_sink=False, caches=None,
+                   initial_latents=None):
     """Generate a video the slow, obvious way.
 
     noise: [B, T, C, H, W]; text: [B, L, text_dim]; renoise: one [B, F, C, H, W] per block
@@ -508,6 +550,11 @@ def naive_generate(state_dict, model_cfg, window, sink, top_k, recency_guard, fr
     text_timeline: {block: text [B, L, text_dim]}: the text switches before that block
     (SPEC section 7, ``recache_sink`` as there; at block 0 it just replaces ``text``).
     caches: a list that gets each batch element's final K/V cache, [layer][frame] -> (k, v).
+    initial_latents: clean frames [B, n, C, H, W] the stream starts from: before the
+    generated blocks they enter as blocks of sizes [n mod F (when not 0), F, F, ...], each
+    written by one timestep-0 forward under the same context rules (no denoising, no
+    log entry); generated frame ids then start at n, and only the generated latents are
+    returned; log block numbers and ``text_timeline`` keys count the generated blocks.
     Returns (latents [B, T, C, H, W] in ``dtype``, log),
     log holding one dict per block: block, frames (start, stop), query_frame (global id
     or None), selected (per batch element, global ids best first), similarities, and
@@ -524,7 +571,10 @@ def naive_generate(state_dict, model_cfg, window, sink, top_k, recency_guard, fr
     missing = set(wan_parameter_shapes(model_cfg)) - set(state)
     if missing:
         raise KeyError(f"state dict lacks {sorted(missing)}")
-    plans = plan_windows(num_blocks, frames_per_block, window, sink, history_capacity, overflow)
+    n_given = 0 if initial_latents is None else initial_latents.shape[1]
+    leading = priming_block_sizes(n_given, frames_per_block)
+    plans = plan_windows(num_blocks, frames_per_block, window, sink, history_capacity, overflow,
+                         leading_blocks=leading)
     timesteps = warped_timesteps(steps, shift)
 
     latents, per_element = [], []
@@ -533,20 +583,21 @@ def naive_generate(state_dict, model_cfg, window, sink, top_k, recency_guard, fr
         out, logs = _generate_one(state, model_cfg, noise[b].to(dtype), text[b].to(dtype),
                                   [r[b].to(dtype) for r in renoise], plans, timesteps,
                                   window, sink, top_k, recency_guard, widen_local_until_memory,
-                                  switches, recache_sink, caches)
+                                  switches, recache_sink, caches,
+                                  None if initial_latents is None else initial_latents[b].to(dtype))
         latents.append(out)
         per_element.append(logs)
 
     log = []
-    for plan in plans:
-        query_frames = {per_element[b][plan.block][0] for b in range(batch)}
+    for block, plan in enumerate(plans[len(leading):]):
+        query_frames = {per_element[b][block][0] for b in range(batch)}
         assert len(query_frames) == 1
         log.append({
-            "block": plan.block,
+            "block": block,
             "frames": (plan.frames[0], plan.frames[-1] + 1),
             "query_frame": query_frames.pop(),
-            "selected": [per_element[b][plan.block][1] for b in range(batch)],
-            "similarities": [per_element[b][plan.block][2] for b in range(batch)],
-            "margin": min(per_element[b][plan.block][3] for b in range(batch)),
+            "selected": [per_element[b][block][1] for b in range(batch)],
+            "similarities": [per_element[b][block][2] for b in range(batch)],
+            "margin": min(per_element[b][block][3] for b in range(batch)),
         })
     return torch.stack(latents), log
