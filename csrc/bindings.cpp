@@ -93,6 +93,8 @@ PYBIND11_MODULE(_C, m) {
       .def("prefetch", &PagedMemory::prefetch, py::arg("streams"), py::arg("frames"))
       .def("touch", &PagedMemory::touch, py::arg("streams"), py::arg("frames"))
       .def("drop_oldest", &PagedMemory::drop_oldest, py::arg("streams"), py::arg("count"))
+      .def("drop_frames", &PagedMemory::drop_frames, py::arg("streams"), py::arg("frames"),
+           "Forgets frame frames[i] of stream streams[i] (distinct streams); later frames move down by one.")
       .def("frames_to_drop", &PagedMemory::frames_to_drop, py::arg("streams"), py::arg("pages"))
       .def("grow", &PagedMemory::grow, py::arg("gpu_slots"), py::arg("host_slots"))
       .def("page", &PagedMemory::page, py::arg("stream"), py::arg("frame"), py::arg("layer"))

@@ -119,9 +119,19 @@ def check_history_budget(memory: MemoryConfig, cfg: ModelConfig, dtype: torch.dt
                          batch: int, host_only: bool) -> None:
     """A history budget that cannot hold one block's evictions, or (overflow_policy
     "error") the run's whole history, fails before any work, not minutes into it.
-    ``num_frames`` None: a run of unknown length (only the first check)."""
+    ``num_frames`` None: a run of unknown length (only the first checks).
+
+    With ``max_history_frames`` the history keeps at most that many frames per stream,
+    so "the run's whole history" is at most the cap; with overflow_policy "error" the
+    budgets must then hold the cap (for any run length), since the cap is what is
+    meant to bound the history. The per-forward baseline (``host_only``) reads raw
+    pages and needs the history in the compute dtype."""
     if memory.top_k == 0:
         return   # native mode keeps no history
+    if host_only and memory.history_dtype is not None:
+        raise ValueError(f"MemoryConfig.history_dtype={memory.history_dtype!r} is not available with "
+                         "RuntimeConfig.retrieval_fetch='per_forward' (the baseline copies raw pages); use "
+                         "retrieval_fetch='per_block' or history_dtype=None")
     budget = HistoryBudget.plan(memory, cfg.num_layers, batch, cfg.tokens_per_frame, cfg.num_heads,
                                 cfg.head_dim, dtype, host_only=host_only)
     capacity = budget.capacity_frames
@@ -141,7 +151,16 @@ def check_history_budget(memory: MemoryConfig, cfg: ModelConfig, dtype: torch.dt
             f"{budget.frame_bytes} bytes (batch {batch}), fewer than the {memory.top_k} retrieved frames or the "
             f"{memory.frames_per_block} evicted frames of a block; give at least "
             f"{resident * budget.frame_bytes} bytes, or use history_tier='host'")
+    cap = memory.max_history_frames
+    if cap is not None and memory.overflow_policy == "error" and cap > capacity:
+        raise HistoryFullError(
+            f"MemoryConfig.max_history_frames={cap} but the budgets hold {capacity} frames of "
+            f"{budget.frame_bytes} bytes (batch {batch}, {budget.page_bytes} bytes per page): the history would "
+            f"fill before the cap; give {names} at least {cap * budget.frame_bytes} bytes, lower "
+            "max_history_frames, or set overflow_policy='drop_oldest'")
     needed = 0 if num_frames is None else max(0, num_frames - memory.window)
+    if cap is not None:
+        needed = min(needed, cap)
     if memory.overflow_policy == "error" and needed > capacity:
         raise HistoryFullError(
             f"{num_frames} frames evict {needed} frames into the history, but the budgets hold "

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops.quant import HISTORY_DTYPES
+
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -113,6 +115,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 DESCRIPTORS = ("mean", "encoder")
 OVERFLOW_POLICIES = ("error", "drop_oldest")
 HISTORY_TIERS = ("device", "host")
+RETENTION_POLICIES = ("drop_oldest", "least_retrieved", "diverse")
 
 
 @dataclass
@@ -140,6 +143,21 @@ class MemoryConfig:
         frames; the splice reads host pages in place).
     page_chunk_bytes: the history page pool grows in chunks of this many bytes (whole
         pages, at least one); existing chunks are never copied.
+    history_dtype: how history pages are stored: None (the compute dtype, as is) or
+        "fp8_e4m3" (e4m3 codes with one float32 scale per page and head, about half the
+        bytes of bf16; decoded in the splice, so the window and the context stay in the
+        compute dtype). See ``lrag_engine.ops.quant``.
+    max_history_frames: the most history frames whose K/V each stream keeps (None: no
+        cap). When an append would pass it, ``retention`` drops frames first, before the
+        byte budgets are consulted; the budgets and ``overflow_policy`` still bound the
+        pool shared by all sessions. At least ``frames_per_block`` and, with retrieval,
+        more than ``recency_guard`` (else nothing would ever be eligible).
+    retention: which frames the cap drops: "drop_oldest"; "least_retrieved" (fewest
+        retrieval hits, ties to the least recently used, i.e. the oldest entry or last
+        hit, then to the oldest frame); "diverse" (the frame whose descriptor is most
+        cosine-similar to another held frame's, ties to the oldest). The policies never
+        drop the ``recency_guard`` newest frames or the frames being appended. Descriptors
+        of dropped frames are forgotten with them: a dropped frame is never retrieved.
     """
 
     window: int = 12
@@ -154,6 +172,9 @@ class MemoryConfig:
     overflow_policy: str = "error"
     history_tier: str = "device"
     page_chunk_bytes: int = 256 * 2 ** 20
+    history_dtype: str | None = None
+    max_history_frames: int | None = None
+    retention: str = "drop_oldest"
 
     def __post_init__(self) -> None:
         _positive("MemoryConfig", window=self.window, frames_per_block=self.frames_per_block)
@@ -187,6 +208,23 @@ class MemoryConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"MemoryConfig.{name} must be None (no budget) or a positive number of bytes, "
                                  f"got {value!r}")
+        if self.history_dtype not in HISTORY_DTYPES:
+            raise ValueError(f"MemoryConfig.history_dtype must be one of {HISTORY_DTYPES} (None: the compute "
+                             f"dtype), got {self.history_dtype!r}")
+        if self.retention not in RETENTION_POLICIES:
+            raise ValueError(f"MemoryConfig.retention must be one of {RETENTION_POLICIES}, got {self.retention!r}")
+        cap = self.max_history_frames
+        if cap is not None:
+            if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
+                raise ValueError(f"MemoryConfig.max_history_frames must be None (no cap) or a positive integer, "
+                                 f"got {cap!r}")
+            if cap < self.frames_per_block:
+                raise ValueError(f"MemoryConfig.max_history_frames={cap} is below frames_per_block="
+                                 f"{self.frames_per_block}: one block evicts that many frames at once")
+            if self.top_k > 0 and cap <= self.recency_guard:
+                raise ValueError(f"MemoryConfig.max_history_frames={cap} must exceed recency_guard="
+                                 f"{self.recency_guard}: the recency_guard newest history frames are never "
+                                 "eligible, so a smaller cap would never retrieve anything")
 
     @property
     def local_frames(self) -> int:

@@ -320,6 +320,30 @@ void PagedMemory::drop_oldest(const std::vector<int64_t>& streams, int64_t count
   }
 }
 
+void PagedMemory::drop_frames(const std::vector<int64_t>& streams, const std::vector<int64_t>& frames) {
+  if (streams.size() != frames.size()) {
+    throw std::invalid_argument("drop_frames: " + std::to_string(streams.size()) + " streams but " +
+                                std::to_string(frames.size()) + " frames");
+  }
+  std::unordered_set<int64_t> seen;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    if (!seen.insert(streams[i]).second) {
+      throw std::invalid_argument("drop_frames: " + stream_name(streams[i]) + " listed twice");
+    }
+    const int64_t n = num_frames(streams[i]);
+    if (frames[i] < 0 || frames[i] >= n) {
+      throw std::out_of_range("drop_frames: frame " + std::to_string(frames[i]) + " of " +
+                              stream_name(streams[i]) + " out of range [0, " + std::to_string(n) + ")");
+    }
+  }
+  for (size_t i = 0; i < streams.size(); ++i) {
+    Stream& st = streams_.at(streams[i]);
+    const auto first = st.pages.begin() + static_cast<std::ptrdiff_t>(frames[i] * num_layers_);
+    for (auto it = first; it != first + num_layers_; ++it) release_page(*it);
+    st.pages.erase(first, first + num_layers_);
+  }
+}
+
 int64_t PagedMemory::frames_to_drop(const std::vector<int64_t>& streams, int64_t pages) const {
   if (pages <= 0) return 0;
   int64_t max_frames = 0;

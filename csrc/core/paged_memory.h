@@ -96,6 +96,10 @@ class PagedMemory {
   // Forgets the `count` oldest frames of every stream in `streams`.
   void drop_oldest(const std::vector<int64_t>& streams, int64_t count);
 
+  // Forgets frame frames[i] of stream streams[i] (distinct streams, one frame each); the
+  // later frames of each stream move down by one.
+  void drop_frames(const std::vector<int64_t>& streams, const std::vector<int64_t>& frames);
+
   // Smallest number of oldest frames to drop from every stream in `streams` so that at
   // least `pages` pages are freed (shared pages free nothing); -1 when impossible.
   int64_t frames_to_drop(const std::vector<int64_t>& streams, int64_t pages) const;

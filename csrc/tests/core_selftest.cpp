@@ -114,8 +114,16 @@ void run(uint32_t seed, int steps) {
       case 5:
         if (model.size() > 1) { mem.free_stream(s); model.erase(s); }
         break;
-      case 6: {  // drop oldest
-        const int64_t count = pick(mem.num_frames(s) + 1);
+      case 6: {  // drop the oldest frames, or one frame anywhere
+        const int64_t n = mem.num_frames(s);
+        if (n > 0 && pick(2) == 0) {
+          const int64_t f = pick(n);
+          mem.drop_frames({s}, {f});
+          model[s].erase(model[s].begin() + f * layers, model[s].begin() + (f + 1) * layers);
+          expect_throw<std::out_of_range>([&] { mem.drop_frames({s}, {n - 1}); }, "drop_frames past the end");
+          break;
+        }
+        const int64_t count = pick(n + 1);
         mem.drop_oldest({s}, count);
         model[s].erase(model[s].begin(), model[s].begin() + count * layers);
         break;

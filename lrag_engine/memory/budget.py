@@ -7,6 +7,12 @@ of a batch of B streams is ``num_layers * B`` pages. Each budget holds
 acts. With ``history_tier="host"`` the device pool is a staging area sized for one
 block's retrieved and evicted frames (``top_k + frames_per_block`` frames); its pages
 hold history frames as well, so they count towards the capacity.
+
+``max_history_frames`` caps the frames each stream keeps whatever the budgets: a
+session of B streams then never holds more than ``max_history_frames * num_layers * B``
+pages (``HistoryBudget.max_pages``), which is what a scheduler reserves for it. With
+``history_dtype="fp8_e4m3"`` a page holds e4m3 codes plus one float32 scale per head
+(K and V each): about half the bytes of a bf16 page.
 """
 from __future__ import annotations
 
@@ -15,10 +21,16 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MemoryConfig
+from ..ops.quant import fp8_page_bytes, storage_dtype
 
 
-def page_bytes(tokens_per_frame: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """K+V bytes of one page: one frame of one layer of one stream."""
+def page_bytes(tokens_per_frame: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+               history_dtype: str | None = None) -> int:
+    """K+V bytes of one page: one frame of one layer of one stream, stored in ``dtype``
+    (the compute dtype) or, with ``history_dtype="fp8_e4m3"``, as e4m3 codes and per-head
+    float32 scales."""
+    if storage_dtype(history_dtype, dtype) != dtype:
+        return fp8_page_bytes(tokens_per_frame, num_heads, head_dim)
     return 2 * tokens_per_frame * num_heads * head_dim * dtype.itemsize
 
 
@@ -35,6 +47,8 @@ class HistoryBudget:
     host_only: the whole history lives in host memory (the per-forward baseline).
     chunk_pages: pages per chunk of the page pool (``memory.page_chunk_bytes``, at
         least one page).
+    max_frames: ``memory.max_history_frames``, the frames each stream keeps at most
+        (None: no cap).
     """
 
     page_bytes: int
@@ -44,10 +58,30 @@ class HistoryBudget:
     capacity_frames: int | None
     host_only: bool = False
     chunk_pages: int = 1
+    max_frames: int | None = None
 
     @property
     def frame_bytes(self) -> int:
         return self.page_bytes * self.pages_per_frame
+
+    @property
+    def held_frames(self) -> int | None:
+        """Most frames the history of this batch holds at once: the cap or the budgets'
+        capacity, whichever is lower (None: neither bounds it)."""
+        bounds = [b for b in (self.max_frames, self.capacity_frames) if b is not None]
+        return min(bounds) if bounds else None
+
+    @property
+    def max_pages(self) -> int | None:
+        """Most pages the history of this batch of streams holds at once (None: unbounded)."""
+        held = self.held_frames
+        return None if held is None else held * self.pages_per_frame
+
+    @property
+    def max_bytes(self) -> int | None:
+        """K+V bytes of :attr:`max_pages` (None: unbounded)."""
+        held = self.held_frames
+        return None if held is None else held * self.frame_bytes
 
     @property
     def gpu_frames(self) -> int | None:
@@ -60,7 +94,7 @@ class HistoryBudget:
         """Budgets of ``memory`` at these shapes. ``host_only``: the whole history lives in
         host memory under ``host_budget_bytes`` with no device pool (the per-forward
         refetch baseline)."""
-        page = page_bytes(tokens_per_frame, num_heads, head_dim, dtype)
+        page = page_bytes(tokens_per_frame, num_heads, head_dim, dtype, memory.history_dtype)
         per_frame = num_layers * batch
         host = memory.host_budget_bytes
         if host_only:
@@ -74,7 +108,7 @@ class HistoryBudget:
         else:
             capacity = (gpu // page + (host or 0) // page) // per_frame
         chunk_pages = max(1, memory.page_chunk_bytes // page)
-        return cls(page, per_frame, gpu, host, capacity, host_only, chunk_pages)
+        return cls(page, per_frame, gpu, host, capacity, host_only, chunk_pages, memory.max_history_frames)
 
     def pool_pages(self) -> tuple[int | None, int | None]:
         """Page budgets of the device and host tiers of a page pool (None: grows
@@ -87,5 +121,5 @@ class HistoryBudget:
         return gpu, host
 
     def describe(self) -> str:
-        held = "unbounded" if self.capacity_frames is None else f"{self.capacity_frames} frames"
+        held = "unbounded" if self.held_frames is None else f"{self.held_frames} frames"
         return f"history of {held} at {self.frame_bytes} bytes per frame"

@@ -74,6 +74,10 @@ class PageTable(Protocol):
     def drop_oldest(self, streams: Sequence[int], count: int) -> None:
         """Forgets the ``count`` oldest frames of every stream in ``streams`` (distinct ids)."""
 
+    def drop_frames(self, streams: Sequence[int], frames: Sequence[int]) -> None:
+        """Forgets frame ``frames[i]`` of stream ``streams[i]`` (distinct ids, one frame
+        each); the later frames of each stream move down by one."""
+
     def frames_to_drop(self, streams: Sequence[int], pages: int) -> int:
         """Smallest number of oldest frames to drop from every stream in ``streams`` so
         that at least ``pages`` pages are freed (0 when ``pages <= 0``); -1 when impossible."""
@@ -143,6 +147,9 @@ class CppPageTable:
 
     def drop_oldest(self, streams: Sequence[int], count: int) -> None:
         self._mem.drop_oldest(_check_distinct(streams, "drop_oldest"), count)
+
+    def drop_frames(self, streams: Sequence[int], frames: Sequence[int]) -> None:
+        self._mem.drop_frames(list(streams), list(frames))
 
     def frames_to_drop(self, streams: Sequence[int], pages: int) -> int:
         return self._mem.frames_to_drop(streams, pages)
@@ -296,6 +303,24 @@ class PyPageTable:
             history = self._streams[s]
             for _ in range(count):
                 self._release(history.popleft())
+
+    def drop_frames(self, streams: Sequence[int], frames: Sequence[int]) -> None:
+        streams, frames = list(streams), [operator.index(f) for f in frames]
+        if len(streams) != len(frames):
+            raise ValueError(f"drop_frames: {len(streams)} streams but {len(frames)} frames")
+        seen: set[int] = set()
+        for s, f in zip(streams, frames):
+            s = operator.index(s)
+            if s in seen:
+                raise ValueError(f"drop_frames: stream {s} listed twice")
+            seen.add(s)
+            n = self.num_frames(s)
+            if f < 0 or f >= n:
+                raise IndexError(f"drop_frames: frame {f} of stream {s} out of range [0, {n})")
+        for s, f in zip(streams, frames):
+            history = self._streams[operator.index(s)]
+            self._release(history[f])
+            del history[f]
 
     def frames_to_drop(self, streams: Sequence[int], pages: int) -> int:
         pages = operator.index(pages)

@@ -36,6 +36,12 @@ class BlockLog:
 
     selected[b] / similarities[b]: global frame ids retrieved for stream b, best first,
     and their cosine similarities to the query.
+    eligible: history frames (per stream) the search could pick: those kept, less the
+        recency guard.
+    kept: history frames (per stream) whose K/V were held when the search ran (None:
+        not known to the caller).
+    history_frames: frames that had entered the history by then, dropped ones included
+        (None: not known); ``history_frames - kept`` were dropped by the cap or the budgets.
     """
 
     block: int
@@ -44,20 +50,27 @@ class BlockLog:
     eligible: int
     selected: list[list[int]] = field(default_factory=list)
     similarities: list[list[float]] = field(default_factory=list)
+    kept: int | None = None
+    history_frames: int | None = None
 
     def to_dict(self) -> dict:
         return {"block": self.block, "frames": list(self.frames), "query_frame": self.query_frame,
-                "eligible": self.eligible, "selected": self.selected, "similarities": self.similarities}
+                "eligible": self.eligible, "kept": self.kept, "history_frames": self.history_frames,
+                "selected": self.selected, "similarities": self.similarities}
 
 
 @dataclass
 class RetrievalResult:
-    """Device-side result of one search; ``index`` [B, r] are history frame ids."""
+    """Device-side result of one search; ``index`` [B, r] are positions among the held
+    history frames; ``ids`` [B, r] (when known) their ordinals in the history (stable
+    across drops); ``kept``: the history frames held per stream."""
 
     index: torch.Tensor
     scores: torch.Tensor
     eligible: int
     pages: torch.Tensor | None = None   # [L, B, r] history page ids, resident on the device
+    kept: int | None = None
+    ids: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -81,10 +94,15 @@ def retrieve(query: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor, t
 
 
 def make_log(block: int, frames: tuple[int, int], query_frame: int | None, result: RetrievalResult,
-             frame_offset: int) -> Callable[[], BlockLog]:
+             frame_offset: int, history_frames: int | None = None) -> Callable[[], BlockLog]:
     """A deferred log: the device tensors are copied to pinned host memory without a sync,
-    and read only when the returned callable is called."""
-    index, scores = result.index, result.scores
+    and read only when the returned callable is called.
+
+    The global id of a retrieved frame is ``frame_offset`` plus its history ordinal
+    (``result.ids``) or, without ordinals, plus its position (``result.index``: a history
+    that never dropped a frame)."""
+    index = result.index if result.ids is None else result.ids
+    scores = result.scores
     if index.is_cuda:
         index = index.to("cpu", non_blocking=True)
         scores = scores.to("cpu", non_blocking=True)
@@ -98,6 +116,7 @@ def make_log(block: int, frames: tuple[int, int], query_frame: int | None, resul
             ready.synchronize()
         return BlockLog(block, frames, query_frame, result.eligible,
                         [[int(i) + frame_offset for i in row] for row in index.tolist()],
-                        [[float(s) for s in row] for row in scores.tolist()])
+                        [[float(s) for s in row] for row in scores.tolist()],
+                        kept=result.kept, history_frames=history_frames)
 
     return materialize

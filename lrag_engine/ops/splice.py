@@ -25,6 +25,11 @@ interpreter works with unsigned addresses); on CUDA, where Triton takes only dev
 tensors, offsets to pinned host chunks may be negative, and when no chunk is on the
 device a one-element device tensor serves as the base.
 
+An FP8 pool (``float8_e4m3fn`` codes, see :mod:`lrag_engine.ops.quant`) comes with
+scale pools of the same layout, ``[P, H]`` float32 (or chunks ``[rows_i, H]``): the
+kernel decodes each code times its page's per-head scale in float32, rotates K, and
+writes K and V in the outputs' (compute) dtype.
+
 RoPE angle of pair ``c`` (of ``D/2``) of token ``t``: ``cos_t[pos, c]`` for
 ``c < d_t/2``, else ``cos_hw[t, c - d_t/2]`` (see ``lrag_engine.ops.rope``).
 """
@@ -36,10 +41,12 @@ from dataclasses import dataclass
 import torch
 
 from lrag_engine.ops.dispatch import HAS_TRITON, check_kernel_runnable, next_power_of_2, tl, triton, use_triton
+from lrag_engine.ops.quant import FP8, dequantize_fp8
 from lrag_engine.ops.rope import RopeTables, apply_rope_ref
 from lrag_engine.runtime.transfer import index_tensor
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Pools may also hold float8_e4m3fn codes with per-page, per-head float32 scales.
 # Elements of one tensor per program: 16 KB of a 16-bit dtype gives each of 128 threads
 # several 16-byte accesses per tensor, while the float32 rotation still fits in registers.
 TILE_ELEMENTS = 8192
@@ -56,13 +63,15 @@ if HAS_TRITON:
     @triton.jit
     def _splice_kernel(
         pk_ptr, pv_ptr, off_ptr, ids_ptr, pos_ptr, cos_t_ptr, sin_t_ptr, cos_hw_ptr, sin_hw_ptr, ok_ptr, ov_ptr,
+        sk_ptr, sv_ptr, soff_ptr,
         B, FC, N, H, frame_offset, chunk_pages, n_chunks,
         stride_pkp, stride_pkn, stride_pkh, stride_pkd,
         stride_pvp, stride_pvn, stride_pvh, stride_pvd,
         stride_il, stride_ib, stride_ij, stride_posb, stride_posj, stride_ct, stride_chw,
         stride_okl, stride_okb, stride_okn, stride_okh, stride_okd,
         stride_ovl, stride_ovb, stride_ovn, stride_ovh, stride_ovd,
-        CHUNKED: tl.constexpr, OFF_ALIGN: tl.constexpr,
+        stride_skp, stride_svp,
+        CHUNKED: tl.constexpr, OFF_ALIGN: tl.constexpr, FP8: tl.constexpr,
         DT2: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD2: tl.constexpr,
     ):
         i_f = tl.program_id(0).to(tl.int64)
@@ -80,10 +89,18 @@ if HAS_TRITON:
                 row_p = page - chunk * chunk_pages
                 base_k = pk_ptr + tl.multiple_of(tl.load(off_ptr + chunk), OFF_ALIGN)
                 base_v = pv_ptr + tl.multiple_of(tl.load(off_ptr + n_chunks + chunk), OFF_ALIGN)
+                if FP8:
+                    base_sk = sk_ptr + tl.load(soff_ptr + chunk)
+                    base_sv = sv_ptr + tl.load(soff_ptr + n_chunks + chunk)
+                else:
+                    base_sk = sk_ptr
+                    base_sv = sv_ptr
             else:
                 row_p = page
                 base_k = pk_ptr
                 base_v = pv_ptr
+                base_sk = sk_ptr
+                base_sv = sv_ptr
             pos = tl.load(pos_ptr + i_b * stride_posb + i_j * stride_posj).to(tl.int64)
             o_t = i_t * BT + tl.arange(0, BT)
             o_h = tl.arange(0, BH)
@@ -96,8 +113,12 @@ if HAS_TRITON:
             p_pk = (base_k + row_p * stride_pkp + o_t[:, None, None] * stride_pkn
                     + o_h[None, :, None] * stride_pkh + o_d[None, None, :] * stride_pkd)
             # [BT, BH, 2*BD2]
-            b_k = tl.load(p_pk, mask=m_x, other=0.0)
-            b_even, b_odd = tl.split(tl.reshape(b_k.to(tl.float32), [BT, BH, BD2, 2]))
+            b_k = tl.load(p_pk, mask=m_x, other=0.0).to(tl.float32)
+            if FP8:
+                # e4m3 codes times the page's per-head scale ([BH], float32)
+                b_sk = tl.load(base_sk + row_p * stride_skp + o_h, mask=o_h < H, other=1.0)
+                b_k = b_k * b_sk[None, :, None]
+            b_even, b_odd = tl.split(tl.reshape(b_k, [BT, BH, BD2, 2]))
 
             m_temporal = o_c < DT2
             m_spatial = (o_c >= DT2) & (o_c < D2)
@@ -121,6 +142,9 @@ if HAS_TRITON:
                     + o_h[None, :, None] * stride_pvh + o_d[None, None, :] * stride_pvd)
             # [BT, BH, 2*BD2]
             b_v = tl.load(p_pv, mask=m_x, other=0.0)
+            if FP8:
+                b_sv = tl.load(base_sv + row_p * stride_svp + o_h, mask=o_h < H, other=1.0)
+                b_v = (b_v.to(tl.float32) * b_sv[None, :, None]).to(ov_ptr.dtype.element_ty)
             p_ov = (ov_ptr + i_l * stride_ovl + i_b * stride_ovb + row[:, None, None] * stride_ovn
                     + o_h[None, :, None] * stride_ovh + o_d[None, None, :] * stride_ovd)
             tl.store(p_ov, b_v, mask=m_x)
@@ -137,6 +161,12 @@ class _Pools:
     v: list[torch.Tensor]
     chunk_pages: int
     chunked: bool          # given as chunk lists (contiguous chunks), not one tensor
+    scale_k: list[torch.Tensor] | None = None   # FP8 pools: [rows_i, H] float32 per chunk
+    scale_v: list[torch.Tensor] | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.scale_k is not None
 
     @property
     def page_shape(self) -> tuple[int, int, int]:
@@ -190,7 +220,37 @@ def _chunk_list(op: str, name: str, pool, chunk_pages) -> tuple[list[torch.Tenso
     return chunks, chunk_pages, True
 
 
-def _check_pools(pool_k, pool_v, chunk_pages, device: torch.device) -> _Pools:
+def _check_scales(ks: list[torch.Tensor], scale_k, scale_v, chunked: bool) -> tuple[list, list] | tuple[None, None]:
+    """Scale pools of FP8 K/V chunks ``ks``: paired with them chunk by chunk, [rows_i, H]
+    float32 on the chunk's device, contiguous."""
+    fp8 = bool(ks) and ks[0].dtype == FP8
+    if scale_k is None and scale_v is None:
+        if fp8:
+            raise ValueError("splice: float8_e4m3fn pools need scale_k and scale_v (per-page, per-head scales)")
+        return None, None
+    if scale_k is None or scale_v is None:
+        raise ValueError("splice: scale_k and scale_v must be given together")
+    if ks and not fp8:
+        raise ValueError(f"splice: scale_k/scale_v belong with float8_e4m3fn pools, the pools are {ks[0].dtype}")
+    out = []
+    for name, scales in (("scale_k", scale_k), ("scale_v", scale_v)):
+        if chunked != _is_chunk_list(scales):
+            raise ValueError(f"splice: {name} must be a chunk list exactly when the pools are")
+        chunks = list(scales) if chunked else [scales]
+        if len(chunks) != len(ks):
+            raise ValueError(f"splice: {name} has {len(chunks)} chunks, the pools {len(ks)}")
+        for i, (c, page) in enumerate(zip(chunks, ks)):
+            want = (page.shape[0], page.shape[2])
+            if not isinstance(c, torch.Tensor) or c.dtype != torch.float32 or tuple(c.shape) != want \
+                    or c.device != page.device or not c.is_contiguous():
+                got = f"{c.dtype} {tuple(c.shape)} on {c.device}" if isinstance(c, torch.Tensor) else type(c).__name__
+                raise ValueError(f"splice: {name}[{i}] must be contiguous float32 {list(want)} on {page.device} "
+                                 f"(one scale per page and head), got {got}")
+        out.append(chunks)
+    return out[0], out[1]
+
+
+def _check_pools(pool_k, pool_v, chunk_pages, device: torch.device, scale_k=None, scale_v=None) -> _Pools:
     if _is_chunk_list(pool_k) != _is_chunk_list(pool_v):
         raise ValueError("splice: pool_k and pool_v must both be tensors or both chunk lists, got "
                          f"{type(pool_k).__name__} / {type(pool_v).__name__}")
@@ -207,9 +267,10 @@ def _check_pools(pool_k, pool_v, chunk_pages, device: torch.device) -> _Pools:
             if v.shape != k.shape:
                 raise ValueError(f"splice: pool_v[{i}] is {tuple(v.shape)}, pool_k[{i}] {tuple(k.shape)}: "
                                  "K and V chunks must pair up")
-    if ks and (ks[0].dtype not in _SUPPORTED_DTYPES or vs[0].dtype != ks[0].dtype):
-        raise ValueError(f"splice: pools must share one of float32/bfloat16/float16, got "
+    if ks and (ks[0].dtype not in (*_SUPPORTED_DTYPES, FP8) or vs[0].dtype != ks[0].dtype):
+        raise ValueError(f"splice: pools must share one of float32/bfloat16/float16/float8_e4m3fn, got "
                          f"{ks[0].dtype} / {vs[0].dtype}")
+    sk, sv = _check_scales(ks, scale_k, scale_v, chunked)
     for name, chunks in (("pool_k", ks), ("pool_v", vs)):
         for i, c in enumerate(chunks):
             if c.device == device:
@@ -221,7 +282,7 @@ def _check_pools(pool_k, pool_v, chunk_pages, device: torch.device) -> _Pools:
                 raise ValueError(f"splice: {label} is on {c.device}{' (not pinned)' if c.device.type == 'cpu' else ''},"
                                  f" out_k on {device}: chunks must be on the outputs' device or, for CUDA "
                                  "outputs, in pinned host memory")
-    return _Pools(ks, vs, cp, chunked)
+    return _Pools(ks, vs, cp, chunked, sk, sv)
 
 
 def _check_page_range(op: str, pools: _Pools, ids: torch.Tensor, lowest: int) -> None:
@@ -243,14 +304,17 @@ def _check_page_range(op: str, pools: _Pools, ids: torch.Tensor, lowest: int) ->
 
 
 def _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
-                  chunk_pages) -> tuple[_Pools, torch.Tensor]:
+                  chunk_pages, scale_k=None, scale_v=None) -> tuple[_Pools, torch.Tensor]:
     """Validate; return the pools as chunk lists and ``positions`` as [B, Fc]."""
     if not isinstance(out_k, torch.Tensor) or not isinstance(out_v, torch.Tensor):
         raise ValueError("splice: out_k and out_v must be tensors")
     device = out_k.device
-    pools = _check_pools(pool_k, pool_v, chunk_pages, device)
+    pools = _check_pools(pool_k, pool_v, chunk_pages, device, scale_k, scale_v)
     if pools.k:
         (n, h, d), dtype = pools.page_shape, pools.dtype
+        if pools.fp8:
+            # decoded into the outputs' dtype
+            dtype = out_k.dtype if out_k.dtype in _SUPPORTED_DTYPES else torch.float32
     else:
         # An empty chunk list (a pool before its first chunk): every id must be -1.
         n, dtype = tables.tokens_per_frame, out_k.dtype
@@ -270,7 +334,8 @@ def _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, fra
             raise ValueError(f"splice: {name} must be [L={num_layers}, B={batch}, Lctx>={need}, H={h}, D={d}], "
                              f"got {tuple(out.shape)}")
         if out.dtype != dtype:
-            raise ValueError(f"splice: {name} dtype {out.dtype} differs from the pools' {dtype}")
+            what = "float32/bfloat16/float16 (FP8 pools decode into it)" if pools.fp8 else f"the pools' {dtype}"
+            raise ValueError(f"splice: {name} dtype {out.dtype} must be {what}")
     if tables.tokens_per_frame != n:
         raise ValueError(f"splice: RoPE tables are for {tables.tokens_per_frame} tokens per frame, pages hold {n}")
     if d % 2 or 2 * (tables.cos_t.shape[1] + tables.cos_hw.shape[1]) != d:
@@ -302,6 +367,9 @@ def _gather(chunks: list[torch.Tensor], chunk_pages: int, ids: torch.Tensor) -> 
     One indexed read per chunk touched. Syncs the host when the ids are on a device
     and the pool has more than one chunk, or its chunk is elsewhere.
     """
+    if chunks[0].dtype == FP8:
+        # float8 has no CPU index_put: move the bytes
+        return _gather([c.view(torch.uint8) for c in chunks], chunk_pages, ids).view(FP8)
     device = ids.device
     flat = ids.reshape(-1).long()
     if len(chunks) == 1 and chunks[0].device == device:
@@ -315,6 +383,25 @@ def _gather(chunks: list[torch.Tensor], chunk_pages: int, ids: torch.Tensor) -> 
         pages = chunk[(host[at] - c * chunk_pages).to(chunk.device)]
         out[at.to(device)] = pages.to(device)
     return out.reshape(*ids.shape, *chunks[0].shape[1:])
+
+
+def _gather_scales(chunks: list[torch.Tensor], chunk_pages: int, ids: torch.Tensor) -> torch.Tensor:
+    """Per-head scales ``[*ids.shape, H]`` of pages ``ids`` (>= 0, valid)."""
+    as_pages = [c.view(c.shape[0], 1, c.shape[1], 1) for c in chunks]
+    return _gather(as_pages, chunk_pages, ids).view(*ids.shape, chunks[0].shape[1])
+
+
+def read_scales(scales, page_ids: torch.Tensor, chunk_pages: int | None = None) -> torch.Tensor:
+    """Per-head scales ``[*page_ids.shape, H]`` of pages ``page_ids`` of an FP8 pool whose
+    scale pool is ``scales`` ([P, H] or chunks [rows_i, H], like :func:`read_pages`)."""
+    chunks = [scales] if isinstance(scales, torch.Tensor) else list(scales)
+    if not chunks or any(not isinstance(c, torch.Tensor) or c.dim() != 2 for c in chunks):
+        raise ValueError("read_scales: scales must be a [P, H] tensor or a non-empty list of [rows, H] chunks")
+    cp = chunks[0].shape[0] if isinstance(scales, torch.Tensor) else chunk_pages
+    as_pages = [c.view(c.shape[0], 1, c.shape[1], 1) for c in chunks]
+    pools = _Pools(as_pages, as_pages, max(cp, 1), not isinstance(scales, torch.Tensor))
+    _check_page_range("read_scales", pools, page_ids.cpu(), 0)
+    return _gather_scales(chunks, max(cp, 1), page_ids)
 
 
 def read_pages(pool, page_ids: torch.Tensor, chunk_pages: int | None = None) -> torch.Tensor:
@@ -357,20 +444,24 @@ def _splice_reference(pools: _Pools, page_ids, positions, tables, out_k, out_v, 
         cos, sin = tables.frame_cos_sin(positions[b, j])     # [m, N, D/2]
         rows = ((frame_offset + j) * n).unsqueeze(1) + tokens  # [m, N]
         l, b = l.unsqueeze(1), b.unsqueeze(1)
-        out_k[l, b, rows] = apply_rope_ref(_gather(pools.k, pools.chunk_pages, p), cos, sin)
-        out_v[l, b, rows] = _gather(pools.v, pools.chunk_pages, p)
+        k, v = _gather(pools.k, pools.chunk_pages, p), _gather(pools.v, pools.chunk_pages, p)
+        if pools.fp8:
+            k = dequantize_fp8(k, _gather_scales(pools.scale_k, pools.chunk_pages, p))
+            v = dequantize_fp8(v, _gather_scales(pools.scale_v, pools.chunk_pages, p), out_v.dtype)
+        out_k[l, b, rows] = apply_rope_ref(k, cos, sin).to(out_k.dtype)
+        out_v[l, b, rows] = v
 
 
 def splice_ref(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, tables: RopeTables,
                out_k: torch.Tensor, out_v: torch.Tensor, frame_offset: int = 0,
-               chunk_pages: int | None = None) -> None:
+               chunk_pages: int | None = None, scale_k=None, scale_v=None) -> None:
     """Float32 PyTorch reference of :func:`splice` (same arguments, writes ``out_k``/``out_v``).
 
     A test path: it syncs the host (it finds the used ids there) and, on CUDA, copies
     the pages it needs out of pinned host chunks.
     """
     pools, positions = _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
-                                     chunk_pages)
+                                     chunk_pages, scale_k, scale_v)
     _splice_reference(pools, page_ids, positions, tables, out_k, out_v, frame_offset)
 
 
@@ -434,17 +525,25 @@ def _splice_triton(pools: _Pools, page_ids, positions, tables, out_k, out_v, fra
     else:
         base_k, base_v, offsets, align = pools.k[0], pools.v[0], page_ids, 1   # offsets unused
         stride_k, stride_v = pools.k[0].stride(), pools.v[0].stride()
+    if pools.fp8 and pools.chunked:
+        scales = _Pools(pools.scale_k, pools.scale_v, pools.chunk_pages, True)
+        base_sk, base_sv, scale_offsets, _ = _base_and_offsets(scales, out_k.device)
+    elif pools.fp8:
+        base_sk, base_sv, scale_offsets = pools.scale_k[0], pools.scale_v[0], page_ids   # offsets unused
+    else:
+        base_sk = base_sv = scale_offsets = page_ids   # unused (FP8=False)
+    scale_strides = (h, h) if pools.fp8 else (0, 0)
     block_h = next_power_of_2(h)
     block_d2 = next_power_of_2(d // 2)
     block_t = max(1, min(next_power_of_2(n), TILE_ELEMENTS // (block_h * 2 * block_d2)))
     grid = (num_layers * batch * frames, -(-n // block_t))
     _splice_kernel[grid](
         base_k, base_v, offsets, page_ids, positions, tables.cos_t, tables.sin_t, tables.cos_hw, tables.sin_hw,
-        out_k, out_v,
+        out_k, out_v, base_sk, base_sv, scale_offsets,
         batch, frames, n, h, frame_offset, pools.chunk_pages, len(pools.k),
         *stride_k, *stride_v, *page_ids.stride(), *positions.stride(),
-        tables.cos_t.stride(0), tables.cos_hw.stride(0), *out_k.stride(), *out_v.stride(),
-        CHUNKED=pools.chunked, OFF_ALIGN=align,
+        tables.cos_t.stride(0), tables.cos_hw.stride(0), *out_k.stride(), *out_v.stride(), *scale_strides,
+        CHUNKED=pools.chunked, OFF_ALIGN=align, FP8=pools.fp8,
         DT2=tables.cos_t.shape[1], D2=d // 2, BT=block_t, BH=block_h, BD2=block_d2,
         num_warps=4,
     )
@@ -452,11 +551,12 @@ def _splice_triton(pools: _Pools, page_ids, positions, tables, out_k, out_v, fra
 
 def splice(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, tables: RopeTables,
            out_k: torch.Tensor, out_v: torch.Tensor, frame_offset: int = 0, mode: str = "auto",
-           chunk_pages: int | None = None) -> None:
+           chunk_pages: int | None = None, scale_k=None, scale_v=None) -> None:
     """Write context frames ``frame_offset .. frame_offset + Fc - 1`` of every layer and stream.
 
     Args:
-        pool_k, pool_v: the page pools (un-rotated K, V), float32/bfloat16/float16: either
+        pool_k, pool_v: the page pools (un-rotated K, V), float32/bfloat16/float16, or
+            float8_e4m3fn codes with ``scale_k``/``scale_v``: either
             [P, N, H, D] tensors on the outputs' device (``chunk_pages`` ignored), or paired
             lists of contiguous chunk tensors [rows_i, N, H, D], ``rows_i <= chunk_pages``,
             page ``p`` at row ``p % chunk_pages`` of chunk ``p // chunk_pages`` (an empty
@@ -473,9 +573,14 @@ def splice(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, tabl
         frame_offset: first context frame written.
         mode: "auto" | "triton" | "reference" (see ``lrag_engine.ops.dispatch``).
         chunk_pages: pages per chunk; required (int >= 1) with chunk lists.
+        scale_k, scale_v: for float8_e4m3fn pools (and only for them): the per-page, per-head
+            float32 scales, laid out like the pools ([P, H] tensors, or chunk lists
+            [rows_i, H] paired with the pools' chunks, on the same devices). Codes decode
+            as ``float(code) * scale`` in float32; K is then rotated, and K and V are
+            stored in the outputs' dtype (float32/bfloat16/float16).
     """
     pools, positions = _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
-                                     chunk_pages)
+                                     chunk_pages, scale_k, scale_v)
     if use_triton(out_k, mode, "splice"):
         _splice_triton(pools, page_ids, positions, tables, out_k, out_v, frame_offset)
     else:

@@ -62,7 +62,8 @@ def test_descriptor_ring_matches_a_list(capacity, layers):
 @pytest.mark.parametrize("layers", [0, 3])
 def test_descriptor_ring_bytes_count_the_pages(layers):
     ring = DescriptorRing(batch=2, dim=5, capacity=4, device="cpu", layers=layers)
-    per_slot = 5 * 4 + 4 + layers * 8   # descriptor, norm (float32), page addresses (int64)
+    # descriptor, norm (float32), page addresses, ordinal, hits, last use (int64)
+    per_slot = 5 * 4 + 4 + layers * 8 + 3 * 8
     assert ring.nbytes == 2 * (2 * 4) * per_slot   # B x 2C slots
     ring.reserve(8)
     assert ring.nbytes == 2 * (2 * 8) * per_slot
