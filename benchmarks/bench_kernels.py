@@ -1,19 +1,26 @@
-"""Benchmark of the search and splice kernels against the plain PyTorch way.
+"""Benchmark of the search, splice and fused RoPE-store kernels against the plain PyTorch way.
 
 On CUDA: median times (``triton.testing.do_bench``) of each kernel and of its PyTorch
 equivalent, bytes moved over time in GB/s next to a measured device-to-device copy
 bandwidth, and the speed-up; results go to a JSON file with the environment record of
-``lrag_engine.bench.records`` (date, commit, versions, device). Without CUDA nothing is timed:
-the script says so and exits 0, or with ``--smoke`` runs both kernels once at tiny sizes
-in the Triton interpreter and checks them against the references.
+``lrag_engine.bench.records`` (date, commit, versions, device), rewritten after every
+case so that a run cut short keeps what it measured. A case that fails is recorded
+with its error and the others still run.
 
-    python benchmarks/bench_kernels.py [--out PATH] [--smoke]
+``--tiny``: the same code at tiny shapes on the CPU in the Triton interpreter
+(``TRITON_INTERPRET=1`` exported), timed with perf_counter: a check of the script's
+paths, not a measurement. ``--smoke``: both older kernels once at tiny sizes in the
+interpreter against their references, nothing timed. Without CUDA and without either
+flag nothing runs: the script says so and exits 0.
+
+    python benchmarks/bench_kernels.py [--out PATH] [--smoke | --tiny]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -22,13 +29,35 @@ from lrag_engine.bench.devices import device_slug
 from lrag_engine.bench.provenance import now
 from lrag_engine.bench.rates import copy_bandwidth
 from lrag_engine.bench.records import environment, write_json
-from lrag_engine.bench.timing import do_bench_ms
+from lrag_engine.bench.timing import do_bench_ms, median_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 
-SEARCH_CASES = [(1, 4096, 1024, 6), (8, 4096, 1024, 6), (8, 100_000, 1024, 6)]  # (B, N, D, k), bf16
+# (B, N, D, k, keys shared by the batch), bf16
+SEARCH_CASES = [(1, 4096, 1024, 6, False), (8, 4096, 1024, 6, False), (8, 100_000, 1024, 6, False),
+                (8, 100_000, 1024, 6, True)]
 # Wan 1.3B: 30 layers, 1560 tokens per frame, 12 heads x 128; K=6 retrieved + window 12.
 SPLICE_CASE = dict(layers=30, batch=1, frames=6 + 12, grid=(30, 52), heads=12, head_dim=128)
+# One layer-forward of Wan 1.3B: a block of 3 frames x 1560 tokens, 12 heads x 128, a
+# window of 12 frames; the recache pass also stores the window (raw=True).
+ROPE_STORE_CASES = [dict(batch=1, frames=3, grid=(30, 52), heads=12, head_dim=128, window=12, raw=False),
+                    dict(batch=1, frames=3, grid=(30, 52), heads=12, head_dim=128, window=12, raw=True)]
+TINY_SEARCH_CASES = [(2, 130, 40, 5, False), (3, 33, 24, 3, True)]
+TINY_SPLICE_CASE = dict(layers=2, batch=1, frames=6 + 2, grid=(3, 5), heads=3, head_dim=12)
+TINY_ROPE_STORE_CASES = [dict(batch=2, frames=2, grid=(3, 5), heads=3, head_dim=12, window=5, raw=True)]
+
+
+def bench_ms(fn, device: torch.device) -> float:
+    """Median milliseconds of ``fn``: do_bench on CUDA, a few perf_counter calls elsewhere."""
+    if device.type == "cuda":
+        return do_bench_ms(fn)
+    return 1e3 * median_seconds(fn, device, warmup=1, reps=3)
+
+
+def _rates(nbytes: int, times: dict, copy_gbps: float) -> dict:
+    return dict(gbps={name: nbytes / ms / 1e6 for name, ms in times.items()},
+                fraction_of_copy={name: nbytes / ms / 1e6 / copy_gbps for name, ms in times.items()},
+                speedup_vs_torch=times["torch"] / times["triton"])
 
 
 def torch_search(query, keys, k, num_eligible):
@@ -62,68 +91,98 @@ def torch_splice(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, retr
         out_v[layer, :, : frames * n] = v
 
 
-def bench_search(copy_gbps: float) -> list[dict]:
+def bench_search(case: tuple, device: torch.device, copy_gbps: float) -> dict:
     from lrag_engine.ops.search_topk import search_topk, search_topk_ref
-    results = []
-    for batch, n, d, k in SEARCH_CASES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        query = torch.randn(batch, d, device="cuda", generator=gen).bfloat16()
-        keys = torch.randn(batch, n, d, device="cuda", generator=gen).bfloat16()
-        norms = keys.float().norm(dim=-1)
-        eligible = torch.full((batch,), n, device="cuda")
-        got = search_topk(query, keys, k, eligible, mode="triton")
-        want = search_topk_ref(query, keys, k, eligible)
-        exact = bool(torch.equal(got[1], want[1]))
-        nbytes = keys.numel() * keys.element_size() + query.numel() * query.element_size()
-        times = {
-            "triton": do_bench_ms(lambda: search_topk(query, keys, k, eligible, mode="triton")),
-            "triton_norms_kept": do_bench_ms(
-                lambda: search_topk(query, keys, k, eligible, key_norms=norms, mode="triton")),
-            "torch": do_bench_ms(lambda: torch_search(query, keys, k, eligible)),
-        }
-        results.append(dict(
-            op="search_topk", shape=dict(B=batch, N=n, D=d, k=k), dtype="bfloat16", bytes=nbytes,
-            matches_reference=exact, ms=times,
-            gbps={name: nbytes / ms / 1e6 for name, ms in times.items()},
-            fraction_of_copy={name: nbytes / ms / 1e6 / copy_gbps for name, ms in times.items()},
-            speedup_vs_torch=times["torch"] / times["triton"],
-        ))
-    return results
+    batch, n, d, k, shared = case
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    query = torch.randn(batch, d, device=device, generator=gen).to(dtype)
+    keys = torch.randn(1 if shared else batch, n, d, device=device, generator=gen).to(dtype).expand(batch, -1, -1)
+    norms = keys.float().norm(dim=-1)
+    eligible = torch.full((batch,), n, device=device)
+    got = search_topk(query, keys, k, eligible, mode="triton")
+    want = search_topk_ref(query, keys, k, eligible)
+    exact = bool(torch.equal(got[1], want[1]))
+    # Shared keys (batch stride 0) are one buffer: read once.
+    nbytes = (n * d if shared else keys.numel()) * keys.element_size() + query.numel() * query.element_size()
+    times = {
+        "triton": bench_ms(lambda: search_topk(query, keys, k, eligible, mode="triton"), device),
+        "triton_norms_kept": bench_ms(
+            lambda: search_topk(query, keys, k, eligible, key_norms=norms, mode="triton"), device),
+        "torch": bench_ms(lambda: torch_search(query, keys, k, eligible), device),
+    }
+    return dict(op="search_topk", shape=dict(B=batch, N=n, D=d, k=k, shared=shared), dtype=str(dtype).split(".")[-1],
+                bytes=nbytes, matches_reference=exact, ms=times, **_rates(nbytes, times, copy_gbps))
 
 
-def bench_splice(copy_gbps: float) -> dict:
+def bench_splice(c: dict, device: torch.device, copy_gbps: float) -> dict:
     from lrag_engine.ops.rope import RopeTables
     from lrag_engine.ops.splice import splice, splice_ref
-    c = SPLICE_CASE
     n = c["grid"][0] * c["grid"][1]
     pages = c["layers"] * c["batch"] * c["frames"]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tables = RopeTables.build(c["head_dim"], *c["grid"], device="cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    tables = RopeTables.build(c["head_dim"], *c["grid"], device=device)
     shape = (pages, n, c["heads"], c["head_dim"])
-    pool_k = torch.randn(shape, device="cuda", generator=gen).bfloat16()
-    pool_v = torch.randn(shape, device="cuda", generator=gen).bfloat16()
-    page_ids = torch.randperm(pages, device="cuda", generator=gen).reshape(c["layers"], c["batch"], c["frames"])
-    positions = torch.cat([torch.zeros(6, dtype=torch.int64), torch.arange(12)]).cuda()
+    pool_k = torch.randn(shape, device=device, generator=gen).to(dtype)
+    pool_v = torch.randn(shape, device=device, generator=gen).to(dtype)
+    page_ids = torch.randperm(pages, device=device, generator=gen).reshape(c["layers"], c["batch"], c["frames"])
+    positions = torch.cat([torch.zeros(6, dtype=torch.int64), torch.arange(c["frames"] - 6)]).to(device)
     out_shape = (c["layers"], c["batch"], c["frames"] * n, c["heads"], c["head_dim"])
-    outs = [torch.empty(out_shape, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    outs = [torch.empty(out_shape, device=device, dtype=dtype) for _ in range(4)]
     splice(pool_k, pool_v, page_ids, positions, tables, outs[0], outs[1], mode="triton")
     splice_ref(pool_k, pool_v, page_ids, positions, tables, outs[2], outs[3])
     max_err = (outs[0].float() - outs[2].float()).abs().max().item()
     v_exact = bool(torch.equal(outs[1], outs[3]))
-    nbytes = 4 * pages * n * c["heads"] * c["head_dim"] * 2  # K and V, read once and written once
+    nbytes = 4 * pages * n * c["heads"] * c["head_dim"] * outs[0].element_size()  # K and V, read and written once
     times = {
-        "triton": do_bench_ms(
-            lambda: splice(pool_k, pool_v, page_ids, positions, tables, outs[0], outs[1], mode="triton")),
-        "torch": do_bench_ms(
-            lambda: torch_splice(pool_k, pool_v, page_ids, positions, tables, outs[2], outs[3])),
+        "triton": bench_ms(
+            lambda: splice(pool_k, pool_v, page_ids, positions, tables, outs[0], outs[1], mode="triton"), device),
+        "torch": bench_ms(
+            lambda: torch_splice(pool_k, pool_v, page_ids, positions, tables, outs[2], outs[3]), device),
     }
     return dict(
         op="splice", shape=dict(L=c["layers"], B=c["batch"], Fc=c["frames"], N=n, H=c["heads"], D=c["head_dim"]),
-        dtype="bfloat16", bytes=nbytes, k_max_abs_err_vs_reference=max_err, v_bit_exact=v_exact, ms=times,
-        gbps={name: nbytes / ms / 1e6 for name, ms in times.items()},
-        fraction_of_copy={name: nbytes / ms / 1e6 / copy_gbps for name, ms in times.items()},
-        speedup_vs_torch=times["torch"] / times["triton"],
-    )
+        dtype=str(dtype).split(".")[-1], bytes=nbytes, k_max_abs_err_vs_reference=max_err, v_bit_exact=v_exact,
+        ms=times, **_rates(nbytes, times, copy_gbps))
+
+
+def bench_rope_store(c: dict, device: torch.device, copy_gbps: float) -> dict:
+    """The fused per-forward kernel against the PyTorch ops it replaces, at one layer-forward."""
+    from lrag_engine.ops.rope_store import rope_store, rope_store_ref
+    n = c["grid"][0] * c["grid"][1]
+    tokens = c["frames"] * n
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (c["batch"], tokens, c["heads"], c["head_dim"])
+    # q, k, v as a backbone hands them over: views of one fused projection.
+    q, k, v = torch.randn(c["batch"], tokens, 3, c["heads"], c["head_dim"], device=device,
+                          generator=gen).to(dtype).unbind(2)
+    cos = torch.rand(tokens, c["head_dim"] // 2, device=device, generator=gen)
+    sin = torch.rand(tokens, c["head_dim"] // 2, device=device, generator=gen)
+    ctx = [torch.empty(shape, device=device, dtype=dtype) for _ in range(4)]
+    raw = []
+    if c["raw"]:
+        win_shape = (c["batch"], c["window"], n, c["heads"], c["head_dim"])
+        raw = [torch.zeros(win_shape, device=device, dtype=dtype) for _ in range(4)]
+        slots = torch.arange(c["frames"], device=device) + (c["window"] - c["frames"])
+    fused = (raw[0], raw[1], slots) if raw else ()
+    plain = (raw[2], raw[3], slots) if raw else ()
+    q_fused = rope_store(q, k, v, cos, sin, ctx[0], ctx[1], *fused, mode="triton")
+    q_plain = rope_store_ref(q, k, v, cos, sin, ctx[2], ctx[3], *plain)
+    max_err = max((a.float() - b.float()).abs().max().item() for a, b in ((q_fused, q_plain), (ctx[0], ctx[2])))
+    exact = bool(torch.equal(ctx[1], ctx[3])) and all(torch.equal(raw[i], raw[i + 2]) for i in range(len(raw) // 2))
+    element = q.element_size()
+    # Read q, k, v; write q_rot, K, V (+ K, V into the window); cos/sin read once.
+    nbytes = q.numel() * element * (6 + (2 if raw else 0)) + 2 * cos.numel() * 4
+    times = {
+        "triton": bench_ms(lambda: rope_store(q, k, v, cos, sin, ctx[0], ctx[1], *fused, mode="triton"), device),
+        "torch": bench_ms(lambda: rope_store_ref(q, k, v, cos, sin, ctx[2], ctx[3], *plain), device),
+    }
+    return dict(op="rope_store", shape=dict(B=c["batch"], T=tokens, H=c["heads"], D=c["head_dim"],
+                                            window_store=c["raw"]),
+                dtype=str(dtype).split(".")[-1], bytes=nbytes, max_abs_err_vs_reference=max_err,
+                matches_reference=exact, ms=times, **_rates(nbytes, times, copy_gbps))
 
 
 def smoke() -> int:
@@ -147,36 +206,79 @@ def smoke() -> int:
     return 0 if search_ok and splice_ok else 1
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/kernels-<device>-<date>.json)")
-    parser.add_argument("--smoke", action="store_true", help="without CUDA: a tiny interpreter run, no timings")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        if args.smoke:
-            return smoke()
-        print("bench_kernels: no CUDA device, nothing measured (--smoke runs a tiny interpreter check)")
-        return 0
-    device = torch.device("cuda", torch.cuda.current_device())
+def run_cases(device: torch.device, tiny: bool, out: Path) -> dict:
+    """Every case in turn, the JSON rewritten after each (``<out>.partial.json`` until the
+    last, then ``out``)."""
     env = environment(device)
     copy = copy_bandwidth(device)
     copy_gbps = copy["d2d_bytes_per_s"] / 1e9
-    cases = bench_search(copy_gbps) + [bench_splice(copy_gbps)]
-    report = dict(benchmark="kernels", environment=env, copy_bandwidth=copy, cases=cases)
-    date = now().strftime("%Y-%m-%d")
-    out = args.out or REPO / "benchmarks" / "results" / f"kernels-{device_slug(device)}-{date}.json"
+    cases = ([(bench_rope_store, c) for c in (TINY_ROPE_STORE_CASES if tiny else ROPE_STORE_CASES)]
+             + [(bench_search, c) for c in (TINY_SEARCH_CASES if tiny else SEARCH_CASES)]
+             + [(bench_splice, TINY_SPLICE_CASE if tiny else SPLICE_CASE)])
+    report = dict(benchmark="kernels", kind="code-path check (CPU interpreter)" if tiny else "GPU measurement",
+                  environment=env, copy_bandwidth=copy, cases=[])
+    partial = out.with_suffix(".partial.json")
+    for bench, case in cases:
+        op = bench.__name__.removeprefix("bench_")
+        print(f"  {op} {case} ...", flush=True)
+        try:
+            report["cases"].append(bench(case, device, copy_gbps))
+        except Exception as exc:  # one failing kernel must not lose the others' numbers
+            traceback.print_exc()
+            report["cases"].append(dict(op=op, shape=case if isinstance(case, dict) else {"case": list(case)},
+                                        error=f"{type(exc).__name__}: {exc}"))
+        write_json(partial, report)
     write_json(out, report)
-    print(f"device {env['device']['name']}; copy {copy_gbps:.0f} GB/s")
-    print(f"{'case':<42} {'variant':<18} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
-    for case in cases:
+    partial.unlink(missing_ok=True)
+    return report
+
+
+def print_table(report: dict, copy_gbps: float) -> None:
+    print(f"device {report['environment']['device']['name']}; copy {copy_gbps:.0f} GB/s; {report['kind']}")
+    print(f"{'case':<48} {'variant':<18} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
+    for case in report["cases"]:
         label = case["op"] + " " + ",".join(f"{k}={v}" for k, v in case["shape"].items())
+        if "error" in case:
+            print(f"{label:<48} ERROR {case['error']}")
+            continue
         for name, ms in case["ms"].items():
-            print(f"{label:<42} {name:<18} {ms:>9.4f} {case['gbps'][name]:>8.0f} "
+            print(f"{label:<48} {name:<18} {ms:>9.4f} {case['gbps'][name]:>8.0f} "
                   f"{100 * case['fraction_of_copy'][name]:>7.1f}%")
-        print(f"{'':<42} speed-up vs torch: {case['speedup_vs_torch']:.2f}x")
+        print(f"{'':<48} speed-up vs torch: {case['speedup_vs_torch']:.2f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/out/kernels-<device>-<date>.json, ignored by git)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--smoke", action="store_true", help="without CUDA: a tiny interpreter run, no timings")
+    group.add_argument("--tiny", action="store_true",
+                      help="the benchmark's code at tiny shapes on the CPU in the Triton interpreter "
+                           "(export TRITON_INTERPRET=1): a path check, not a measurement")
+    args = parser.parse_args()
+    if args.tiny:
+        from lrag_engine.ops.dispatch import interpreting
+        if not interpreting():
+            print("bench_kernels: --tiny runs the kernels in the Triton interpreter: export TRITON_INTERPRET=1",
+                  file=sys.stderr)
+            return 2
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        if args.smoke:
+            return smoke()
+        print("bench_kernels: no CUDA device, nothing measured (--smoke or --tiny run interpreter checks)")
+        return 0
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+    date = now().strftime("%Y-%m-%d")
+    out = args.out or REPO / "benchmarks" / "out" / f"kernels-{device_slug(device)}-{date}.json"
+    report = run_cases(device, args.tiny, out)
+    print_table(report, report["copy_bandwidth"]["d2d_bytes_per_s"] / 1e9)
     print(f"wrote {out}")
-    return 0
+    failed = [c for c in report["cases"] if "error" in c]
+    mismatched = [c for c in report["cases"] if c.get("matches_reference") is False or c.get("v_bit_exact") is False]
+    return 1 if failed or mismatched else 0
 
 
 if __name__ == "__main__":

@@ -11,14 +11,29 @@ retrieval-graphs, retrieval-host (history in the pinned host tier), baseline-ref
 reference does). A mode whose options the engine rejects is recorded as skipped, with
 the reason.
 
-Per mode: block latency (median, p90) over the steady state, FPS (video frames/s = 4 x
-latent frames/s, DiT only, VAE excluded), MFU against a measured matmul rate, peak GPU
-memory, NVML power and clocks, host CPU time against device time. Writes JSON and a
-PNG of block latency over video length for every mode.
+Per mode: one engine; a warm-up run first (JIT compiles, graph capture, pool growth),
+then ``--repeats`` timed runs. Block latency over the steady state pooled over the
+repeats (median, IQR, p90) with each repeat's median, and a warning when the spread is
+large; FPS (video frames/s = 4 x latent frames/s, DiT only, VAE excluded), MFU against a
+measured matmul rate, peak GPU memory, NVML power and clocks, host CPU time against
+device time. Writes JSON and a PNG of block latency over video length for every mode.
+
+On a CPU the figures check code paths and overheads (one torch thread unless
+``--threads`` says otherwise); they say nothing about GPU performance, and the issue
+targets are printed only next to GPU numbers at the reference workload.
+
+``--long``: block time at latent frames 100 and 1000 (the growth target) in one run of
+1011 frames per mode, with the history in the pinned host tier under a byte budget
+(``--host-budget-gb``, oldest frames dropped past it): the 1.3B history of 1000 frames
+(~290 GB) fits no GPU.
 
     python benchmarks/latency.py [--preset P] [--frames N] [--dtype D] [--device D]
                                  [--modes native,retrieval,...] [--warmup-blocks N]
+                                 [--warmup-frames N] [--repeats N] [--long] [--host-budget-gb G]
                                  [--threads N] [--out PATH] [--plot PATH]
+
+Default output: benchmarks/out/ (ignored by git); committed results go to
+benchmarks/results/ by ``--out``.
 """
 from __future__ import annotations
 
@@ -52,6 +67,17 @@ GROWTH_BLOCKS = 5
 
 REFERENCE = dict(preset="wan2.1-t2v-1.3b", dtype="bfloat16", frames=120)
 CPU_DEFAULT = dict(preset="tiny", dtype="float32", frames=48)
+# --long: the frames at which block time is read, the run length covering them, and the
+# blocks on each side of a point whose times are pooled there.
+LONG_POINTS = (100, 1000)
+LONG_FRAMES = 1011
+LONG_MODES = "native,retrieval-host"
+LONG_POINT_BLOCKS = 3
+LONG_HOST_BUDGET_GB = 32.0
+# A spread above this (IQR of the pooled steady blocks, or max - min of the repeats'
+# medians, over the median) makes comparisons between modes unreliable: say so.
+NOISY_SPREAD = 0.10
+DEFAULT_OUT_DIR = REPO / "benchmarks" / "out"
 
 
 @dataclass(frozen=True)
@@ -92,14 +118,18 @@ def _retrieved(log) -> int:
     return len(selected[0])
 
 
-def _build(mode: Mode, model: ModelConfig, device: torch.device, dtype: str, seed: int, frames: int):
+def _build(mode: Mode, model: ModelConfig, device: torch.device, dtype: str, seed: int, frames: int,
+           host_budget_bytes: int | None = None):
     options = dict(mode.memory)
     if options.get("history_tier") == "host":
         # A host-tier budget with room for every frame of the run (batch 1); frame bytes
-        # do not depend on the memory rules.
+        # do not depend on the memory rules. Under a smaller cap the oldest frames go.
         budget = HistoryBudget.plan(MemoryConfig(), model.num_layers, 1, model.tokens_per_frame,
                                     model.num_heads, model.head_dim, resolve_dtype(dtype))
         options["host_budget_bytes"] = frames * budget.frame_bytes
+        if host_budget_bytes is not None and host_budget_bytes < options["host_budget_bytes"]:
+            options["host_budget_bytes"] = max(host_budget_bytes, budget.frame_bytes)
+            options["overflow_policy"] = "drop_oldest"
     memory = MemoryConfig(**options)
     runtime = RuntimeConfig(device=str(device), dtype=dtype, **mode.runtime)
     return Engine(model=model, memory=memory, runtime=runtime, seed=seed)
@@ -145,14 +175,47 @@ def _not_applied(mode: Mode, effective: dict, device: torch.device) -> str | Non
     return None
 
 
-def run_mode(name: str, mode: Mode, model: ModelConfig, device: torch.device, dtype: str,
-             frames: int, seed: int) -> dict:
-    """Generates ``frames`` latent frames with a fresh engine; per-block times.
+def _timed_run(engine: Engine, device: torch.device, frames: int, seed: int) -> dict:
+    """One generation of ``frames`` latent frames; per-block device, wall and host CPU times.
 
     Block n's device time is the span between CUDA events recorded after blocks n-1 and n
     on the compute stream, so work the engine overlaps on side streams and any idle gap
     of a host-bound loop are both counted, and no sync is added inside the loop.
     """
+    cuda = device.type == "cuda"
+    n_blocks = frames // engine.memory.frames_per_block
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n_blocks + 1)] if cuda else []
+    wall, cpu, outputs = [time.perf_counter()], [time.process_time()], []
+    at_last_block: dict | None = None
+    if cuda:
+        events[0].record()
+    for i, out in enumerate(engine.stream(num_frames=frames, seed=seed)):
+        if cuda:
+            events[i + 1].record()
+        wall.append(time.perf_counter())
+        cpu.append(time.process_time())
+        outputs.append(out)   # the log is read after the loop: reading it syncs
+        if i + 1 == n_blocks:
+            at_last_block = engine.memory_usage()   # the run's session is still open here
+    synchronize(device)
+    wall_s = [b - a for a, b in zip(wall, wall[1:])]
+    return {
+        "block_seconds": [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])] if cuda else wall_s,
+        "block_wall_seconds": wall_s,
+        "block_host_cpu_seconds": [b - a for a, b in zip(cpu, cpu[1:])],
+        "retrieved_frames": [_retrieved(out.log) for out in outputs],
+        "at_last_block": at_last_block,
+    }
+
+
+def run_mode(name: str, mode: Mode, model: ModelConfig, device: torch.device, dtype: str,
+             frames: int, seed: int, repeats: int = 1, warmup_frames: int = 0,
+             host_budget_bytes: int | None = None) -> dict:
+    """One engine: a warm-up run of ``warmup_frames`` latent frames (not timed), then
+    ``repeats`` timed runs of ``frames`` frames, each a fresh session with the same seed.
+
+    ``block_seconds`` (and the wall / host CPU lists) are per-block medians over the
+    repeats; ``runs`` keeps every repeat's own times."""
     result: dict = {"mode": name, "description": mode.description,
                     "options": {"memory": mode.memory, "runtime": mode.runtime}}
     if mode.cuda_only and device.type != "cuda":
@@ -163,56 +226,53 @@ def run_mode(name: str, mode: Mode, model: ModelConfig, device: torch.device, dt
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        engine = _build(mode, model, device, dtype, seed, frames)
+        engine = _build(mode, model, device, dtype, seed, frames, host_budget_bytes)
     except (TypeError, ValueError) as exc:
         return {**result, "status": "skipped", "reason": f"{type(exc).__name__}: {exc}"}
     describe = {k: v for k, v in engine.describe().items() if k != "model"}
 
-    n_blocks = frames // engine.memory.frames_per_block
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(n_blocks + 1)] if cuda else []
-    wall, cpu, outputs = [time.perf_counter()], [time.process_time()], []
-    at_last_block: dict | None = None
+    runs = []
+    warmup_s = None
     try:
+        if warmup_frames:
+            t0 = time.perf_counter()
+            _timed_run(engine, device, warmup_frames, seed)
+            warmup_s = time.perf_counter() - t0
         with NvmlSampler(device) as sampler:
-            if cuda:
-                events[0].record()
-            for i, out in enumerate(engine.stream(num_frames=frames, seed=seed)):
-                if cuda:
-                    events[i + 1].record()
-                wall.append(time.perf_counter())
-                cpu.append(time.process_time())
-                outputs.append(out)   # the log is read after the loop: reading it syncs
-                if i + 1 == n_blocks:
-                    at_last_block = engine.memory_usage()   # the run's session is still open here
-            synchronize(device)
+            for _ in range(repeats):
+                runs.append(_timed_run(engine, device, frames, seed))
     except Exception as exc:  # a crash of one mode must not lose the others' numbers
         traceback.print_exc()
         return {**result, "status": "failed", "reason": f"{type(exc).__name__}: {exc}", "engine": describe}
 
-    effective = _effective(engine, at_last_block)
+    effective = _effective(engine, runs[-1]["at_last_block"])
     mismatch = _not_applied(mode, effective, device)
     if mismatch is not None:
         return {**result, "status": "skipped", "reason": mismatch, "engine": describe, "effective": effective}
 
-    wall_s = [b - a for a, b in zip(wall, wall[1:])]
-    cpu_s = [b - a for a, b in zip(cpu, cpu[1:])]
-    device_s = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])] if cuda else wall_s
-    retrieved = [_retrieved(out.log) for out in outputs]
+    def per_block_median(key):
+        return [statistics.median(values) for values in zip(*(run[key] for run in runs))]
+
+    retrieved = runs[0]["retrieved_frames"]
     forwards = len(engine.schedule) + 1
     batch = 1
     result.update(
-        status="ok", engine=describe, forwards_per_block=forwards,
-        block_seconds=device_s, block_wall_seconds=wall_s, block_host_cpu_seconds=cpu_s,
-        block_first_frame=[i * engine.memory.frames_per_block for i in range(len(device_s))],
+        status="ok", engine=describe, forwards_per_block=forwards, repeats=repeats,
+        warmup_frames=warmup_frames, warmup_seconds=warmup_s,
+        block_seconds=per_block_median("block_seconds"), block_wall_seconds=per_block_median("block_wall_seconds"),
+        block_host_cpu_seconds=per_block_median("block_host_cpu_seconds"),
+        runs=[{k: v for k, v in run.items() if k != "at_last_block"} for run in runs],
+        block_first_frame=[i * engine.memory.frames_per_block for i in range(len(retrieved))],
         retrieved_frames=retrieved, effective=effective,
         context_frames=[context_frames(engine.memory, i, r) for i, r in enumerate(retrieved)],
         block_flops=[block_flops(model, engine.memory, forwards, batch, i, r) for i, r in enumerate(retrieved)],
         window=engine.memory.window, frames_per_block=engine.memory.frames_per_block,
+        history_host_budget_bytes=engine.memory.host_budget_bytes,
         peak_memory_allocated_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         peak_memory_reserved_bytes=torch.cuda.max_memory_reserved(device) if cuda else None,
         nvml=sampler.summary(),
     )
-    del engine, outputs
+    del engine
     return result
 
 
@@ -228,12 +288,55 @@ def steady_start(results: list[dict], warmup_blocks: int) -> int:
     return (max(firsts) if firsts else 0) + warmup_blocks
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """(25th, 75th) percentiles, linear interpolation; a single value is both."""
+    if len(values) == 1:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def spread(r: dict, start: int) -> dict:
+    """Noise of a mode's steady-state block times over its repeats: pooled median and IQR,
+    each repeat's median, and whether either spread exceeds ``NOISY_SPREAD``."""
+    pooled = [t for run in r["runs"] for t in run["block_seconds"][start:]]
+    median = statistics.median(pooled)
+    q1, q3 = quartiles(pooled)
+    medians = [statistics.median(run["block_seconds"][start:]) for run in r["runs"]]
+    iqr_rel = (q3 - q1) / median
+    repeat_rel = (max(medians) - min(medians)) / median
+    return {"block_ms_median_pooled": 1e3 * median, "block_ms_q1": 1e3 * q1, "block_ms_q3": 1e3 * q3,
+            "block_ms_iqr": 1e3 * (q3 - q1), "iqr_pct_of_median": 100 * iqr_rel,
+            "repeat_medians_ms": [1e3 * m for m in medians], "repeat_spread_pct_of_median": 100 * repeat_rel,
+            "noisy": iqr_rel > NOISY_SPREAD or repeat_rel > NOISY_SPREAD}
+
+
+def long_points(r: dict, points: tuple[int, ...] | None = None) -> dict:
+    """Block time near each latent frame of ``points``: the median over the blocks of every
+    repeat whose end frame lies within ``LONG_POINT_BLOCKS`` blocks of the point."""
+    points = LONG_POINTS if points is None else points
+    f = r["frames_per_block"]
+    ends = [first + f for first in r["block_first_frame"]]
+    out = {}
+    for point in points:
+        near = [i for i, e in enumerate(ends) if abs(e - point) <= LONG_POINT_BLOCKS * f]
+        times = [run["block_seconds"][i] for run in r["runs"] for i in near]
+        out[str(point)] = None if not times else {
+            "block_ms_median": 1e3 * statistics.median(times), "blocks": len(times),
+            "latent_frames": [ends[near[0]] - f, ends[near[-1]]]}
+    first, last = (out.get(str(p)) for p in (points[0], points[-1]))
+    growth = 100 * (last["block_ms_median"] / first["block_ms_median"] - 1) if first and last else None
+    return {"points": out, "growth_pct": growth}
+
+
 def summarize(r: dict, start: int, rate: float) -> dict:
     times = r["block_seconds"][start:]
     if not times:
         return {"steady_blocks": 0, "reason": f"no steady-state block: the run has {len(r['block_seconds'])} "
                                               f"blocks and the steady state starts at block {start}"}
-    median = statistics.median(times)
+    noise = spread(r, start)
+    # Pooled over the repeats: the figure the modes are compared by.
+    median = noise["block_ms_median_pooled"] / 1e3
     flops = statistics.median(r["block_flops"][start:])
     g = max(1, min(GROWTH_BLOCKS, len(times) // 3))
     early, late = statistics.median(times[:g]), statistics.median(times[-g:])
@@ -254,6 +357,7 @@ def summarize(r: dict, start: int, rate: float) -> dict:
         "host_cpu_ms_per_forward": 1e3 * cpu_per_block / r["forwards_per_block"],
         # On the CPU the host is the device; the ratio says nothing there.
         "host_cpu_fraction_of_device": cpu_per_block / median if on_cuda else None,
+        "repeats": len(r["runs"]), **noise,
     }
 
 
@@ -290,7 +394,10 @@ def derived(summaries: dict) -> dict:
 
 # ---------------------------------------------------------------------- output
 def _fmt(value, spec: str, scale: float = 1.0, unit: str = "") -> str:
-    return "-" if value is None else format(value * scale, spec) + unit
+    if value is None:
+        width = spec.split(".")[0].lstrip("+")
+        return "-".rjust(int(width) if width.isdigit() else 1)
+    return format(value * scale, spec) + unit
 
 
 def print_tables(report: dict) -> None:
@@ -302,13 +409,13 @@ def print_tables(report: dict) -> None:
           + (f"; pinned H2D {report['copy']['h2d_pinned_bytes_per_s'] * 1e-9:.1f} GB/s"
              if report["copy"]["h2d_pinned_bytes_per_s"] else ""))
     if report["config"]["device"] == "cpu":
-        print("on the CPU the host tier and the device are the same memory: retrieval-host and "
-              "baseline-refetch show code-path costs only")
+        print("CODE-PATH CHECK on the CPU, not a GPU measurement: the figures compare code paths and "
+              "overheads only; the host tier and the device are the same memory here")
     print(f"steady state from block {report['steady_start_block']} "
           f"(latent frame {report['steady_start_block'] * report['config']['frames_per_block']}); "
           "FPS = video frames/s (4 x latent), DiT only, VAE excluded")
-    head = (f"{'mode':<18} {'status':<8} {'median ms':>10} {'p90 ms':>9} {'FPS':>8} {'MFU':>7} "
-            f"{'peak GB':>8} {'power W':>8} {'SM MHz':>7} {'host/dev':>9}")
+    head = (f"{'mode':<18} {'status':<8} {'median ms':>10} {'IQR ms':>8} {'runs':>4} {'p90 ms':>9} {'FPS':>8} "
+            f"{'MFU':>7} {'peak GB':>8} {'power W':>8} {'SM MHz':>7} {'host/dev':>9}")
     print(head)
     print("-" * len(head))
     for r in report["modes"]:
@@ -318,12 +425,15 @@ def print_tables(report: dict) -> None:
             continue
         nv = r.get("nvml") or {}
         print(f"{r['mode']:<18} {'ok':<8} {_fmt(s.get('block_ms_median'), '10.2f')} "
-              f"{_fmt(s.get('block_ms_p90'), '9.2f')} {_fmt(s.get('fps_video'), '8.2f')} "
+              f"{_fmt(s.get('block_ms_iqr'), '8.2f')} {r['repeats']:>4} {_fmt(s.get('block_ms_p90'), '9.2f')} "
+              f"{_fmt(s.get('fps_video'), '8.2f')} "
               f"{_fmt(s.get('mfu'), '.1f', 100, '%'):>7} {_fmt(r['peak_memory_allocated_bytes'], '8.2f', 1e-9)} "
               f"{_fmt(nv.get('power_w_mean'), '8.0f')} {_fmt(nv.get('sm_clock_mhz_median'), '7.0f')} "
               f"{_fmt(s.get('host_cpu_fraction_of_device'), '.1f', 100, '%'):>9}")
     d = report["derived"]
-    print(f"\n{'comparison':<52} {'value':>10}   issue-5 target (reference workload, H100)")
+    # Targets are GPU figures at the reference workload; next to anything else they mislead.
+    targets = report["reference_workload"]
+    print(f"\n{'comparison':<52} {'value':>10}" + ("   issue-5 target (reference workload, H100)" if targets else ""))
     rows = [
         ("retrieval vs native, block time", _fmt(d["retrieval_vs_native_overhead_pct"], "+.1f", unit=" %"), "<= +2 %"),
         ("retrieval vs native, both with graphs",
@@ -350,7 +460,15 @@ def print_tables(report: dict) -> None:
         if r["status"] == "ok" and r["options"]["runtime"].get("cuda_graphs"):
             rows.append((f"static forwards built, {r['mode']}", str(r["effective"]["static_forwards"]), "> 0"))
     for name, value, target in rows:
-        print(f"{name:<52} {value:>10}   {target}")
+        print(f"{name:<52} {value:>10}" + (f"   {target}" if targets else ""))
+    for mode, lp in report.get("long", {}).items():
+        for point, at in lp["points"].items():
+            print(f"{'block ms at latent frame ' + point + ', ' + mode:<52} "
+                  f"{_fmt(at and at['block_ms_median'], '10.2f')}")
+        print(f"{'growth frame ' + ' -> '.join(lp['points']) + ', ' + mode:<52} "
+              f"{_fmt(lp['growth_pct'], '+10.1f', unit=' %')}" + ("   <= +3 %" if targets else ""))
+    for warning in report.get("warnings", []):
+        print(f"WARNING: {warning}")
 
 
 def plot(report: dict, path: Path) -> Path:
@@ -392,19 +510,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", default=None, choices=sorted(MODEL_PRESETS),
                         help=f"model shapes (default {REFERENCE['preset']} on CUDA, {CPU_DEFAULT['preset']} on CPU)")
     parser.add_argument("--frames", type=int, default=None,
-                        help=f"latent frames (default {REFERENCE['frames']} on CUDA, {CPU_DEFAULT['frames']} on CPU)")
+                        help=f"latent frames per timed run (default {REFERENCE['frames']} on CUDA, "
+                             f"{CPU_DEFAULT['frames']} on CPU, {LONG_FRAMES} with --long)")
     parser.add_argument("--dtype", default=None,
                         help=f"default {REFERENCE['dtype']} on CUDA, {CPU_DEFAULT['dtype']} on CPU")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--modes", default=None,
+                        help=f"comma list of {', '.join(MODES)} (default all; {LONG_MODES} with --long)")
     parser.add_argument("--warmup-blocks", type=int, default=2,
                         help="blocks left out after the context first fills (default 2)")
+    parser.add_argument("--warmup-frames", type=int, default=None,
+                        help="latent frames of the untimed warm-up run of each mode's engine (default: the "
+                             "window plus two blocks; 0: none)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per mode (default 3; 1 with --long)")
+    parser.add_argument("--long", action="store_true",
+                        help=f"block time at latent frames {' and '.join(map(str, LONG_POINTS))}, history in the "
+                             "host tier under --host-budget-gb")
+    parser.add_argument("--host-budget-gb", type=float, default=None,
+                        help=f"cap of the host-tier history in GB, oldest frames dropped past it (default "
+                             f"{LONG_HOST_BUDGET_GB:g} with --long, none otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice); 1 steadies CPU runs on a busy machine")
+                        help="torch intra-op threads (default 1 on the CPU, where more threads on a shared "
+                             "machine swamp the differences between modes; torch's choice on CUDA)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/latency-<device>-<date>.json)")
+                        help=f"JSON path (default {DEFAULT_OUT_DIR.relative_to(REPO)}/latency-<device>-<date>.json, "
+                             "ignored by git)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default next to the JSON)")
     return parser.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+    print(f"latency: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,38 +550,45 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
-        print(f"latency: --device {args.device!r} is not a torch device: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"--device {args.device!r} is not a torch device: {exc}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("latency: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
+        return _fail("--device cuda but CUDA is not available")
     defaults = REFERENCE if device.type == "cuda" else CPU_DEFAULT
     preset = args.preset or defaults["preset"]
     dtype = args.dtype or defaults["dtype"]
-    frames = defaults["frames"] if args.frames is None else args.frames
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    frames = (LONG_FRAMES if args.long else defaults["frames"]) if args.frames is None else args.frames
+    modes = [m.strip() for m in (args.modes or (LONG_MODES if args.long else ",".join(MODES))).split(",")
+             if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     memory = MemoryConfig()
+    repeats = (1 if args.long else 3) if args.repeats is None else args.repeats
+    warmup_frames = memory.window + 2 * memory.frames_per_block if args.warmup_frames is None else args.warmup_frames
+    host_gb = LONG_HOST_BUDGET_GB if args.long and args.host_budget_gb is None else args.host_budget_gb
     if unknown or not modes:
-        print(f"latency: unknown mode(s) {unknown}; choose from {', '.join(MODES)}", file=sys.stderr)
-        return 2
+        return _fail(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
     if frames <= 0 or frames % memory.frames_per_block:
-        print(f"latency: --frames must be a positive multiple of {memory.frames_per_block}, got {frames}",
-              file=sys.stderr)
-        return 2
-    if args.threads is not None and args.threads < 1:
-        print(f"latency: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
+        return _fail(f"--frames must be a positive multiple of {memory.frames_per_block}, got {frames}")
+    if warmup_frames < 0 or warmup_frames % memory.frames_per_block:
+        return _fail(f"--warmup-frames must be 0 or a positive multiple of {memory.frames_per_block}, "
+                     f"got {warmup_frames}")
+    if repeats < 1:
+        return _fail(f"--repeats must be >= 1, got {repeats}")
+    if host_gb is not None and not host_gb > 0:
+        return _fail(f"--host-budget-gb must be > 0, got {host_gb}")
+    if args.long and frames < LONG_POINTS[-1]:
+        print(f"latency: --long with {frames} frames reaches no block near frame {LONG_POINTS[-1]}; the points "
+              "past the run are reported as missing")
+    threads = (1 if device.type == "cpu" else None) if args.threads is None else args.threads
+    if threads is not None and threads < 1:
+        return _fail(f"--threads must be >= 1, got {threads}")
     if args.warmup_blocks < 0:
-        print(f"latency: --warmup-blocks must be >= 0, got {args.warmup_blocks}", file=sys.stderr)
-        return 2
+        return _fail(f"--warmup-blocks must be >= 0, got {args.warmup_blocks}")
     try:
         RuntimeConfig(device=str(device), dtype=dtype)
     except ValueError as exc:
-        print(f"latency: {exc}", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+        return _fail(str(exc))
+    if threads is not None:
+        torch.set_num_threads(threads)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)   # events and streams below use the current device
     model = ModelConfig.preset(preset)
@@ -451,27 +596,42 @@ def main(argv: list[str] | None = None) -> int:
                  and resolve_dtype(dtype) == resolve_dtype(REFERENCE["dtype"]))
     what = ("the PERF.md reference workload" if reference else
             "a smaller workload, NOT the PERF.md reference workload")
-    print(f"latency: {what}: preset {preset}, {dtype}, {frames} latent frames, batch 1, window {memory.window}, "
+    kind = "GPU measurement" if device.type == "cuda" else "code-path check on the CPU (not a GPU measurement)"
+    print(f"latency: {kind}; {what}: preset {preset}, {dtype}, {frames} latent frames x {repeats} timed runs "
+          f"after a {warmup_frames}-frame warm-up, batch 1, window {memory.window}, "
           f"sink {memory.sink}, K {memory.top_k}, R {memory.recency_guard}, {memory.frames_per_block} frames/block, "
           f"{len(RuntimeConfig().denoising_steps)} steps + recache, text {model.text_len} tokens, "
-          f"random weights, on {device}")
+          f"random weights, on {device}, {torch.get_num_threads()} torch threads")
 
     env = environment(device)
     rate = matmul_rate(device)
     copy = copy_bandwidth(device)
+    host_budget_bytes = None if host_gb is None else int(host_gb * 1e9)
+    date = now().strftime("%Y-%m-%d")
+    out = args.out or DEFAULT_OUT_DIR / f"latency-{'long-' if args.long else ''}{device_slug(device)}-{date}.json"
+    # Rewritten after every mode, so that a run cut short keeps the modes it finished.
+    partial = out.with_suffix(".partial.json")
     results = []
     for name in modes:
         print(f"  running {name} ...", flush=True)
-        results.append(run_mode(name, MODES[name], model, device, dtype, frames, args.seed))
+        results.append(run_mode(name, MODES[name], model, device, dtype, frames, args.seed, repeats=repeats,
+                                warmup_frames=warmup_frames, host_budget_bytes=host_budget_bytes))
         r = results[-1]
         if r["status"] != "ok":
             print(f"  {name}: {r['status']}: {r['reason']}")
+        write_json(partial, {"benchmark": "latency", "kind": kind, "partial": True, "reference_workload": reference,
+                             "environment": env, "modes": results})
     ran = [r for r in results if r["status"] == "ok"]
     start = steady_start(ran, args.warmup_blocks)
     summaries = {r["mode"]: summarize(r, start, rate["flops_per_s"]) for r in ran}
     steady_flops = forward_flops(model, 1, memory.frames_per_block, memory.window)
+    warnings = [f"{m}: block times spread widely (IQR {s['iqr_pct_of_median']:.0f} % of the median, repeats' "
+                f"medians {s['repeat_spread_pct_of_median']:.0f} % apart): comparisons with it are unreliable"
+                + (" (a busy CPU? rerun on an idle machine)" if device.type == "cpu" else "")
+                for m, s in summaries.items() if s.get("noisy")]
     report = {
         "benchmark": "latency",
+        "kind": kind,
         "reference_workload": reference,
         "environment": env,
         "matmul": rate,
@@ -481,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                    "top_k": memory.top_k, "recency_guard": memory.recency_guard,
                    "frames_per_block": memory.frames_per_block, "steps": len(RuntimeConfig().denoising_steps),
                    "text_tokens": model.text_len, "seed": args.seed, "warmup_blocks": args.warmup_blocks,
+                   "warmup_frames": warmup_frames, "repeats": repeats, "long": args.long,
+                   "host_budget_bytes_cap": host_budget_bytes,
                    "torch_threads": torch.get_num_threads(),
                    "weights": "random"},
         "flops_per_forward_full_context": steady_flops,
@@ -489,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [
             "FPS = video frames per second = 4 x latent frames per second, steady state, DiT only, VAE excluded",
             "block time on CUDA: CUDA events recorded on the compute stream after each block; on CPU: perf_counter",
+            "each mode: one engine, an untimed warm-up run, then the timed runs (fresh sessions, same seed); "
+            "medians and IQR pool the steady-state blocks of every timed run",
             "MFU = FLOPs per block (linear + self-attention at the real context + cross-attention, "
             "x (steps + 1)) / block time / measured matmul rate",
             "host CPU time is time.process_time of the whole process: an upper bound that includes any "
@@ -496,14 +660,16 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "modes": results,
         "summary": summaries,
+        "warnings": warnings,
         "skipped": {r["mode"]: r["reason"] for r in results if r["status"] == "skipped"},
         "failed": {r["mode"]: r["reason"] for r in results if r["status"] == "failed"},
     }
+    if args.long:
+        report["long"] = {r["mode"]: long_points(r) for r in ran}
     report["derived"] = derived(summaries)
 
-    date = now().strftime("%Y-%m-%d")
-    out = args.out or REPO / "benchmarks" / "results" / f"latency-{device_slug(device)}-{date}.json"
     write_json(out, report)
+    partial.unlink(missing_ok=True)
     png = plot(report, args.plot or out.with_suffix(".png"))
     print_tables(report)
     print(f"\nwrote {out} and {png}")

@@ -10,11 +10,20 @@ Semantics (kernel and reference alike):
   returned: it counts as ineligible, so a NaN query returns nothing.
 - Fewer than ``k`` returned candidates leave a tail of index ``-1`` and score ``-inf``.
 
-Kernel: each program scans one split of a query's rows in tiles, packs every
+Kernel: each program scans one split of the rows in tiles for one query (or, for
+streams sharing one key buffer, a group of queries reading each key tile once), packs every
 (score, index) into one int64 whose integer order is the result order (high 32 bits:
 the score's bits made order-preserving; low 32 bits: the bit-inverted index), and keeps
 a running top-k with bitonic top-k. A merge kernel reduces the splits' top-k lists;
 a problem small enough for one split per query runs as a single launch.
+
+The row loop is software-pipelined on CUDA (``tl.range(..., num_stages)``); the query
+stays in registers whenever a tile holds whole rows (descriptors up to 1024 dims at 16
+rows), and one check per tile decides whether any row beats the running k-th best
+before any sort. On CUDA the row tile, pipeline depth and warps are autotuned over a
+small set (``_autotune_configs``) keyed by (N rounded up to a power of two, D, query
+group, padded k, norms given) from ``AUTOTUNE_MIN_ROWS`` rows on; smaller searches and
+the interpreter run one fixed tile.
 """
 from __future__ import annotations
 
@@ -27,13 +36,16 @@ from lrag_engine.ops.dispatch import HAS_TRITON, check_kernel_runnable, next_pow
 MAX_K = 64
 NORM_EPS = 1e-8
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Rows per tile; the tile's top-k needs at least KP rows, so it grows with k.
-BLOCK_N = 64
-# Descriptor-dim chunk: a [64, 128] tile of a 16-bit dtype is 16 KB of loads in flight per step.
-BLOCK_D = 128
-# ptxas (sm_90) gives a [64, 128] float32 tile about 250 registers per thread on 4 warps
-# and about 130 on 8, so tiles this large go to 8 warps: twice the warps per SM.
-TILE_ELEMENTS_FOR_8_WARPS = 8192
+# Register budget of one tile, in float32 elements across the query group, rows and the
+# descriptor dims it covers: [GB, BN, BD]. At 16K a whole 1024-dim row tile of 16 rows
+# fits, so q stays in registers (loaded once per program) for descriptors up to 1024
+# dims; wider descriptors (or large k with wide ones) loop over dim chunks.
+TILE_ELEMENTS = 16384
+# Rows per split are a multiple of the largest row tile, so every tuned tile divides them.
+MAX_BLOCK_N = 128
+# Streams whose keys are one shared buffer (batch stride 0) are served by one program
+# per split for up to this many streams, which reads each key tile once for all of them.
+MAX_GROUP = 8
 # A split reading less than this spends more on its own top-k merges and launch share
 # than on loading; smaller problems (for example 4096 x 16-dim descriptors) therefore
 # run as one program per query in one launch. Not yet tuned on a GPU.
@@ -44,6 +56,38 @@ PROGRAMS_PER_SM = 4
 MAX_MERGE_KEYS = 4096
 # Stand-in for the SM count in the CPU interpreter, so that tests reach the merge path.
 _INTERPRETER_SMS = 4
+# The interpreter runs one fixed tile (autotuning times on a GPU): rows per tile there.
+INTERPRETER_BLOCK_N = 64
+# Below this many rows a search takes microseconds whatever the tile, and tuning would
+# cost each new power-of-two history length seconds of compiles: a fixed tile instead
+# (row tile, pipeline depth, warps).
+AUTOTUNE_MIN_ROWS = 8192
+SMALL_CONFIG = (32, 2, 4)
+
+
+def _autotune_configs() -> list:
+    """Row tile x pipeline depth x warps; ``_prune`` drops what a shape cannot use."""
+    shapes = [(16, 3, 4), (16, 4, 8), (32, 3, 4), (32, 4, 8), (64, 2, 8), (64, 3, 8), (128, 2, 8)]
+    return [triton.Config({"BN": bn, "NUM_STAGES": stages}, num_warps=warps) for bn, stages, warps in shapes]
+
+
+def _dim_block(d: int, group: int, block_n: int) -> int:
+    """Descriptor dims per step: all of them (q in registers) when the tile budget allows."""
+    return max(16, min(next_power_of_2(d), TILE_ELEMENTS // (group * block_n)))
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles must hold the running top-k (BN >= KP) and small problems gain nothing from
+    row tiles much longer than their rows; keep at least the smallest valid tile."""
+    kp, group, n_bucket = named_args["KP"], named_args["GB"], named_args["N_BUCKET"]
+    valid = [c for c in configs if c.kwargs["BN"] >= kp and c.kwargs["BN"] * group <= TILE_ELEMENTS // 16]
+    fitting = [c for c in valid if c.kwargs["BN"] <= max(n_bucket, kp)]
+    if fitting:
+        return fitting
+    if valid:
+        return valid[:1]
+    return [triton.Config({"BN": kp, "NUM_STAGES": 2}, num_warps=8)]
+
 
 if HAS_TRITON:
     # Smallest packed key: below every real (score, index), marks "no candidate".
@@ -63,83 +107,128 @@ if HAS_TRITON:
         return b_score, b_index
 
     @triton.jit
+    def _scan_tile(b_top, b_q, n0, q_ptr, k_ptr, norms_ptr, b_lo, b_hi, q_norm, o_b, m_b,
+                   stride_qb, stride_qd, stride_kb, stride_kn, stride_kd, stride_nb, stride_nn, k_base,
+                   HAS_NORMS: tl.constexpr, D: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
+                   BD: tl.constexpr, Q_RESIDENT: tl.constexpr):
+        """Scores of rows [n0, n0 + BN) for the group's queries, merged into the running
+        top-k ``b_top`` [GB, KP]."""
+        o_n = n0 + tl.arange(0, BN).to(tl.int64)
+        o_d = tl.arange(0, BD)
+        m_rows = (o_n[None, :] >= b_lo[:, None]) & (o_n[None, :] < b_hi[:, None])   # [GB, BN]
+        m_n = tl.max(m_rows.to(tl.int32), axis=0) > 0                              # [BN]
+        b_dot = tl.zeros([b_top.shape[0], BN], dtype=tl.float32)
+        b_ksq = tl.zeros([BN], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BD):
+            m_d = d0 + o_d < D
+            p_k = k_ptr + k_base + o_n[:, None] * stride_kn + (d0 + o_d)[None, :] * stride_kd
+            # [BN, BD]: one read of the tile serves every query of the group.
+            b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            if not Q_RESIDENT:
+                # [GB, BD]
+                b_q = tl.load(q_ptr + o_b[:, None] * stride_qb + (d0 + o_d)[None, :] * stride_qd,
+                              mask=m_b[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            b_dot += tl.sum(b_k[None, :, :] * b_q[:, None, :], axis=2)
+            if not HAS_NORMS:
+                b_ksq += tl.sum(b_k * b_k, axis=1)
+        if HAS_NORMS:
+            # [GB, BN]
+            k_norm = tl.load(norms_ptr + o_b[:, None] * stride_nb + o_n[None, :] * stride_nn,
+                             mask=m_rows, other=1.0)
+        else:
+            k_norm = tl.sqrt_rn(b_ksq)[None, :]
+        # IEEE sqrt and division, as in the reference: the default approximate ones could
+        # reorder near-equal candidates against it.
+        b_score = tl.div_rn(b_dot, q_norm[:, None] * tl.maximum(k_norm, EPS))
+        # -0.0 would otherwise pack below +0.0 and break the lower-index tie rule.
+        b_score = tl.where(b_score == 0.0, 0.0, b_score)
+        b_bits = b_score.to(tl.int32, bitcast=True)
+        b_ord = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
+        b_key = (b_ord.to(tl.int64) << 32) | (0xFFFFFFFF - o_n)[None, :]
+        b_key = tl.where(m_rows & (b_score == b_score), b_key, KEY_NONE)
+        # Past the first tiles few candidates beat the running k-th best: skip the sorts
+        # (one check for the whole group: a single reduction, a single branch).
+        if tl.max(tl.max((b_key > tl.min(b_top, axis=1)[:, None]).to(tl.int32), axis=1), axis=0) > 0:
+            b_best = tl.topk(b_key, KP, dim=1)
+            b_top = tl.topk(tl.reshape(tl.join(b_top, b_best), [b_top.shape[0], 2 * KP]), KP, dim=1)
+        return b_top
+
+    @triton.jit
     def _search_partial_kernel(
         q_ptr, k_ptr, norms_ptr, start_ptr, end_ptr, part_ptr, score_ptr, index_ptr,
-        start_value, end_value, N, K, rows_per_split,
+        start_value, end_value, B, N, K, rows_per_split, N_BUCKET,
         stride_qb, stride_qd, stride_kb, stride_kn, stride_kd, stride_nb, stride_nn,
         stride_sb, stride_eb, stride_pb, stride_ps, stride_ob, stride_ib,
         HAS_NORMS: tl.constexpr, START_PER_STREAM: tl.constexpr, END_PER_STREAM: tl.constexpr,
-        FINAL: tl.constexpr, D: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+        FINAL: tl.constexpr, D: tl.constexpr, KP: tl.constexpr, GB: tl.constexpr, BN: tl.constexpr,
+        BD: tl.constexpr, NUM_STAGES: tl.constexpr, PIPELINED: tl.constexpr,
     ):
-        i_b = tl.program_id(0).to(tl.int64)
+        """One program: GB queries (a group of streams sharing one key buffer, else one
+        stream) against one split of the rows."""
+        i_g = tl.program_id(0).to(tl.int64)
         i_s = tl.program_id(1).to(tl.int64)
+        o_b = i_g * GB + tl.arange(0, GB).to(tl.int64)
+        m_b = o_b < B
         # Scalar arguments equal to 1 arrive as constexprs, so no method calls on them.
         if START_PER_STREAM:
-            lo = tl.load(start_ptr + i_b * stride_sb)
+            b_lo = tl.load(start_ptr + o_b * stride_sb, mask=m_b, other=0).to(tl.int64)
         else:
-            lo = start_value
+            b_lo = tl.full([GB], start_value, dtype=tl.int64)
         if END_PER_STREAM:
-            hi = tl.load(end_ptr + i_b * stride_eb)
+            b_hi = tl.load(end_ptr + o_b * stride_eb, mask=m_b, other=0).to(tl.int64)
         else:
-            hi = end_value
-        lo = tl.maximum(i_s * rows_per_split, lo)
-        hi = tl.minimum(tl.minimum((i_s + 1) * rows_per_split, N), hi)
+            b_hi = tl.full([GB], end_value, dtype=tl.int64)
+        b_hi = tl.where(m_b, b_hi, 0)
+        b_lo = tl.maximum(b_lo, i_s * rows_per_split)
+        b_hi = tl.minimum(b_hi, tl.minimum((i_s + 1) * rows_per_split, N))
+        lo = tl.min(b_lo, axis=0)
+        hi = tl.max(b_hi, axis=0)
 
         o_d = tl.arange(0, BD)
-        b_qsq = tl.zeros([BD], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            # [BD]
-            b_q = tl.load(q_ptr + i_b * stride_qb + (d0 + o_d) * stride_qd, mask=d0 + o_d < D, other=0.0)
-            b_q = b_q.to(tl.float32)
-            b_qsq += b_q * b_q
-        q_norm = tl.maximum(tl.sqrt_rn(tl.sum(b_qsq, axis=0)), EPS)
+        Q_RESIDENT: tl.constexpr = BD >= D
+        b_qsq = tl.zeros([GB], dtype=tl.float32)
+        b_q = tl.zeros([GB, BD], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BD):
+            # [GB, BD]
+            b_qc = tl.load(q_ptr + o_b[:, None] * stride_qb + (d0 + o_d)[None, :] * stride_qd,
+                           mask=m_b[:, None] & (d0 + o_d < D)[None, :], other=0.0).to(tl.float32)
+            b_qsq += tl.sum(b_qc * b_qc, axis=1)
+            if Q_RESIDENT:
+                b_q = b_qc
+        q_norm = tl.maximum(tl.sqrt_rn(b_qsq), EPS)
+        # Keys shared by the group have batch stride 0; otherwise the group is one stream.
+        k_base = i_g * GB * stride_kb
 
-        b_top = tl.full([KP], KEY_NONE, dtype=tl.int64)
-        # A while loop, not range(lo, hi): the Triton 3.6 interpreter cannot take runtime
-        # range bounds under NumPy >= 2.4, and the CPU tests run there.
-        n0 = lo
-        while n0 < hi:
-            o_n = n0 + tl.arange(0, BN).to(tl.int64)
-            m_n = o_n < hi
-            b_dot = tl.zeros([BN], dtype=tl.float32)
-            b_ksq = tl.zeros([BN], dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                m_d = d0 + o_d < D
-                # [BD]
-                b_q = tl.load(q_ptr + i_b * stride_qb + (d0 + o_d) * stride_qd, mask=m_d, other=0.0)
-                p_k = k_ptr + i_b * stride_kb + o_n[:, None] * stride_kn + (d0 + o_d)[None, :] * stride_kd
-                # [BN, BD]
-                b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-                b_dot += tl.sum(b_k * b_q.to(tl.float32)[None, :], axis=1)
-                if not HAS_NORMS:
-                    b_ksq += tl.sum(b_k * b_k, axis=1)
-            if HAS_NORMS:
-                # [BN]
-                k_norm = tl.load(norms_ptr + i_b * stride_nb + o_n * stride_nn, mask=m_n, other=1.0)
-            else:
-                k_norm = tl.sqrt_rn(b_ksq)
-            # IEEE sqrt and division, as in the reference: the default approximate ones could
-            # reorder near-equal candidates against it.
-            b_score = tl.div_rn(b_dot, q_norm * tl.maximum(k_norm, EPS))
-            # -0.0 would otherwise pack below +0.0 and break the lower-index tie rule.
-            b_score = tl.where(b_score == 0.0, 0.0, b_score)
-            b_bits = b_score.to(tl.int32, bitcast=True)
-            b_ord = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
-            b_key = (b_ord.to(tl.int64) << 32) | (0xFFFFFFFF - o_n)
-            b_key = tl.where(m_n & (b_score == b_score), b_key, KEY_NONE)
-            # Past the first tiles few candidates beat the running k-th best: skip the sorts.
-            if tl.max(b_key, axis=0) > tl.min(b_top, axis=0):
-                b_best = tl.topk(b_key, KP)
-                b_top = tl.topk(tl.reshape(tl.join(b_top, b_best), [2 * KP]), KP)
-            n0 += BN
+        b_top = tl.full([GB, KP], KEY_NONE, dtype=tl.int64)
+        if PIPELINED:
+            for n0 in tl.range(lo, hi, BN, num_stages=NUM_STAGES):
+                b_top = _scan_tile(b_top, b_q, n0, q_ptr, k_ptr, norms_ptr, b_lo, b_hi, q_norm, o_b, m_b,
+                                   stride_qb, stride_qd, stride_kb, stride_kn, stride_kd, stride_nb, stride_nn,
+                                   k_base, HAS_NORMS, D, KP, BN, BD, Q_RESIDENT)
+        else:
+            # A while loop: the Triton 3.6 interpreter cannot take runtime range bounds
+            # under NumPy >= 2.4, and the CPU tests run there.
+            n0 = lo
+            while n0 < hi:
+                b_top = _scan_tile(b_top, b_q, n0, q_ptr, k_ptr, norms_ptr, b_lo, b_hi, q_norm, o_b, m_b,
+                                   stride_qb, stride_qd, stride_kb, stride_kn, stride_kd, stride_nb, stride_nn,
+                                   k_base, HAS_NORMS, D, KP, BN, BD, Q_RESIDENT)
+                n0 += BN
 
         o_k = tl.arange(0, KP)
+        m_out = m_b[:, None] & (o_k < K)[None, :]
         if FINAL:
             b_score, b_index = _unpack_keys(b_top)
-            tl.store(score_ptr + i_b * stride_ob + o_k, b_score, mask=o_k < K)
-            tl.store(index_ptr + i_b * stride_ib + o_k, b_index, mask=o_k < K)
+            tl.store(score_ptr + o_b[:, None] * stride_ob + o_k[None, :], b_score, mask=m_out)
+            tl.store(index_ptr + o_b[:, None] * stride_ib + o_k[None, :], b_index, mask=m_out)
         else:
-            tl.store(part_ptr + i_b * stride_pb + i_s * stride_ps + o_k, b_top)
+            tl.store(part_ptr + o_b[:, None] * stride_pb + i_s * stride_ps + o_k[None, :], b_top,
+                     mask=m_b[:, None] & (o_k < KP)[None, :])
+
+    _search_partial_tuned = triton.autotune(
+        configs=_autotune_configs(), key=["N_BUCKET", "D", "GB", "KP", "HAS_NORMS"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(triton.heuristics({"BD": lambda args: _dim_block(args["D"], args["GB"], args["BN"])})(_search_partial_kernel))
 
     @triton.jit
     def _search_merge_kernel(
@@ -254,14 +343,21 @@ def _sm_count(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
-def _plan_splits(batch: int, n: int, d: int, itemsize: int, kp: int, device: torch.device) -> tuple[int, int]:
-    """(splits per query, rows per split, a multiple of the row tile) for ``n`` rows of ``d`` elements."""
-    block_n = max(BLOCK_N, kp)
+def _plan_splits(groups: int, n: int, d: int, itemsize: int, kp: int, device: torch.device) -> tuple[int, int]:
+    """(splits per query group, rows per split, a multiple of every row tile) for ``n``
+    rows of ``d`` elements read by ``groups`` programs per split."""
+    block_n = max(MAX_BLOCK_N, kp)
     wanted = _cdiv(n * d * itemsize, MIN_SPLIT_BYTES)
-    cap = max(1, PROGRAMS_PER_SM * _sm_count(device) // max(batch, 1))
+    cap = max(1, PROGRAMS_PER_SM * _sm_count(device) // max(groups, 1))
     splits = max(1, min(wanted, cap, MAX_MERGE_KEYS // kp, _cdiv(n, block_n)))
     rows = _cdiv(_cdiv(n, splits), block_n) * block_n
     return _cdiv(n, rows), rows
+
+
+def _n_bucket(n: int) -> int:
+    """Autotuning key of the row count: its power of two, so that a growing history
+    retunes a handful of times, not at every block."""
+    return next_power_of_2(n)
 
 
 def _search_topk_triton(query, keys, k, num_eligible, key_norms, eligible_start):
@@ -273,9 +369,10 @@ def _search_topk_triton(query, keys, k, num_eligible, key_norms, eligible_start)
     check_kernel_runnable(_search_partial_kernel, keys, "search_topk")
     # tl.topk (Triton 3.6) fails to build for k == 1, so the running list keeps at least two.
     kp = max(next_power_of_2(k), 2)
-    block_n = max(BLOCK_N, kp)
-    block_d = min(BLOCK_D, next_power_of_2(d))
-    splits, rows = _plan_splits(batch, n, d, keys.element_size(), kp, device)
+    # Streams whose keys are one buffer (batch stride 0) share each key tile's read.
+    group = min(next_power_of_2(batch), MAX_GROUP) if keys.stride(0) == 0 and batch > 1 else 1
+    groups = _cdiv(batch, group)
+    splits, rows = _plan_splits(groups, n, d, keys.element_size(), kp, device)
     start = 0 if eligible_start is None else eligible_start
     start_t = start if isinstance(start, torch.Tensor) else None
     end_t = num_eligible if isinstance(num_eligible, torch.Tensor) else None
@@ -284,18 +381,26 @@ def _search_topk_triton(query, keys, k, num_eligible, key_norms, eligible_start)
     final = splits == 1
     part = scores if final else torch.empty(batch, splits, kp, dtype=torch.int64, device=device)
     norms = key_norms if key_norms is not None else scores
-    _search_partial_kernel[(batch, splits)](
-        query, keys, norms, start_t if start_t is not None else index, end_t if end_t is not None else index,
-        part, scores, index,
-        start_v, end_v, n, k, rows,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        norms.stride(0), norms.stride(1),
-        start_t.stride(0) if start_t is not None else 0, end_t.stride(0) if end_t is not None else 0,
-        part.stride(0), part.stride(1), scores.stride(0), index.stride(0),
-        HAS_NORMS=key_norms is not None, START_PER_STREAM=start_t is not None,
-        END_PER_STREAM=end_t is not None, FINAL=final, D=d, KP=kp, BN=block_n, BD=block_d,
-        num_warps=8 if block_n * block_d >= TILE_ELEMENTS_FOR_8_WARPS else 4,
-    )
+    args = (query, keys, norms, start_t if start_t is not None else index, end_t if end_t is not None else index,
+            part, scores, index,
+            start_v, end_v, batch, n, k, rows, _n_bucket(n),
+            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+            norms.stride(0), norms.stride(1),
+            start_t.stride(0) if start_t is not None else 0, end_t.stride(0) if end_t is not None else 0,
+            part.stride(0), part.stride(1), scores.stride(0), index.stride(0))
+    flags = dict(HAS_NORMS=key_norms is not None, START_PER_STREAM=start_t is not None,
+                 END_PER_STREAM=end_t is not None, FINAL=final, D=d, KP=kp, GB=group)
+    if keys.is_cuda and n >= AUTOTUNE_MIN_ROWS:
+        _search_partial_tuned[(groups, splits)](*args, **flags, PIPELINED=True)
+    elif keys.is_cuda:
+        block_n, stages, warps = max(SMALL_CONFIG[0], kp), SMALL_CONFIG[1], SMALL_CONFIG[2]
+        _search_partial_kernel[(groups, splits)](
+            *args, **flags, BN=block_n, BD=_dim_block(d, group, block_n), NUM_STAGES=stages, PIPELINED=True,
+            num_warps=warps)
+    else:
+        block_n = max(INTERPRETER_BLOCK_N, kp)
+        _search_partial_kernel[(groups, splits)](
+            *args, **flags, BN=block_n, BD=_dim_block(d, group, block_n), NUM_STAGES=1, PIPELINED=False)
     if not final:
         _search_merge_kernel[(batch,)](
             part, scores, index, splits, k,

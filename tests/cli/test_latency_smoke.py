@@ -1,9 +1,12 @@
 """benchmarks/latency.py: end-to-end run on the CPU, skipped modes, and its FLOP model
 against the FLOPs of the operations the engine really runs."""
 import json
+import shutil
+import subprocess
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -46,11 +49,86 @@ def test_runs_end_to_end_and_records_skipped_modes(tmp_path, monkeypatch, capsys
     assert "NOT the PERF.md reference workload" in printed and "skipped" in printed
 
 
+def test_warm_up_repeats_and_spread(tmp_path, capsys):
+    """Each mode: a warm-up run, then timed runs whose steady blocks are pooled into a
+    median and IQR that match an independent computation; one torch thread on the CPU;
+    the output labelled a code-path check, no targets column off the GPU."""
+    out = tmp_path / "lat.json"
+    code = latency.main(["--device", "cpu", "--preset", "tiny", "--frames", "36", "--repeats", "2",
+                         "--warmup-frames", "3", "--warmup-blocks", "1", "--modes", "native,retrieval",
+                         "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["torch_threads"] == 1 and report["config"]["repeats"] == 2
+    assert report["kind"].startswith("code-path check") and not report["reference_workload"]
+    start = report["steady_start_block"]
+    for mode in report["modes"]:
+        assert mode["status"] == "ok" and mode["warmup_frames"] == 3 and mode["warmup_seconds"] > 0
+        assert len(mode["runs"]) == 2 and all(len(run["block_seconds"]) == 12 for run in mode["runs"])
+        pooled = np.array([t for run in mode["runs"] for t in run["block_seconds"][start:]]) * 1e3
+        s = report["summary"][mode["mode"]]
+        assert s["repeats"] == 2 and s["steady_blocks"] == 12 - start > 0
+        assert s["block_ms_median"] == pytest.approx(np.median(pooled))
+        assert s["block_ms_iqr"] == pytest.approx(np.percentile(pooled, 75) - np.percentile(pooled, 25))
+        assert s["repeat_medians_ms"] == pytest.approx([np.median(np.array(run["block_seconds"][start:]) * 1e3)
+                                                        for run in mode["runs"]])
+        assert s["noisy"] == (s["iqr_pct_of_median"] > 10 or s["repeat_spread_pct_of_median"] > 10)
+    assert len(report["warnings"]) == sum(s["noisy"] for s in report["summary"].values())
+    assert not out.with_suffix(".partial.json").exists()
+    printed = capsys.readouterr().out
+    assert "CODE-PATH CHECK" in printed and "target" not in printed
+
+
+def test_spread_warns_on_noisy_runs():
+    steady = {"runs": [{"block_seconds": [1.0, 1.0, 1.0, 1.0]}, {"block_seconds": [1.0, 1.0, 1.3, 1.3]}]}
+    s = latency.spread(steady, start=1)
+    assert s["block_ms_median_pooled"] == pytest.approx(1000) and s["repeat_medians_ms"] == pytest.approx([1000, 1300])
+    assert s["noisy"] and s["repeat_spread_pct_of_median"] == pytest.approx(30)
+    calm = {"runs": [{"block_seconds": [1.0, 1.01, 0.99]}, {"block_seconds": [1.0, 1.0, 1.02]}]}
+    assert not latency.spread(calm, start=0)["noisy"]
+
+
+def test_long_preset_reads_block_time_at_its_points(tmp_path, monkeypatch):
+    """--long: the host tier under a byte cap that drops the oldest frames, and block
+    times read near each point (here frames 12 and 30 of a 36-frame run)."""
+    monkeypatch.setattr(latency, "LONG_POINTS", (12, 30))
+    out = tmp_path / "long.json"
+    code = latency.main(["--device", "cpu", "--preset", "tiny", "--long", "--frames", "36",
+                         "--host-budget-gb", "0.0008", "--warmup-frames", "0", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report["long"]) == {"native", "retrieval-host"} and report["config"]["repeats"] == 1
+    host = next(m for m in report["modes"] if m["mode"] == "retrieval-host")
+    assert host["history_host_budget_bytes"] <= 800_000 and host["engine"]["memory"]["overflow_policy"] == "drop_oldest"
+    for mode, lp in report["long"].items():
+        run = next(m for m in report["modes"] if m["mode"] == mode)["runs"][0]["block_seconds"]
+        # Block i ends at frame 3 (i + 1); within 3 blocks of frame 12: blocks 0..6, of 30: blocks 6..11.
+        assert lp["points"]["12"]["block_ms_median"] == pytest.approx(1e3 * np.median(run[0:7]))
+        assert lp["points"]["30"]["block_ms_median"] == pytest.approx(1e3 * np.median(run[6:12]))
+        assert lp["growth_pct"] == pytest.approx(
+            100 * (lp["points"]["30"]["block_ms_median"] / lp["points"]["12"]["block_ms_median"] - 1))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_default_output_is_ignored_by_git():
+    path = latency.DEFAULT_OUT_DIR / "latency-cpu-2026-01-01.json"
+    done = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=latency.REPO, capture_output=True)
+    if done.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert done.returncode == 0, f"{path} would be tracked by git"
+
+
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert latency.main(["--device", "cpu", "--frames", "7", "--out", str(tmp_path / "x.json")]) == 2
     assert "multiple of 3" in capsys.readouterr().err
     assert latency.main(["--device", "cpu", "--modes", "native,nope", "--out", str(tmp_path / "x.json")]) == 2
     assert "nope" in capsys.readouterr().err
+    assert latency.main(["--device", "cpu", "--repeats", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
+    assert latency.main(["--device", "cpu", "--warmup-frames", "4", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--warmup-frames must be 0 or a positive multiple of 3, got 4" in capsys.readouterr().err
+    assert latency.main(["--device", "cpu", "--host-budget-gb", "-1", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--host-budget-gb must be > 0" in capsys.readouterr().err
 
 
 class _FlopCounter(TorchDispatchMode):

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lrag_engine.ops import dispatch
+from lrag_engine.ops import search_topk as search_module
 from lrag_engine.ops.search_topk import MAX_K, _plan_splits, search_topk, search_topk_ref
 from lrag_engine.testing import assert_close, tolerance
 
@@ -229,6 +230,78 @@ def test_non_contiguous_keys(device, view):
     ref = search_topk_ref(query, keys, 7, 125)
     assert_topk_matches(*ref, tops, table, 7)
     assert_same_result(search_topk(query, keys, 7, 125, mode="triton"), ref)
+
+
+SHARED_CASES = [
+    # batch, n, d, k, dtype, norms given: batch 5 and 11 leave a group partly empty
+    pytest.param(5, 301, 40, 6, "bf16", False, id="B5-N301-D40-K6-bf16"),
+    pytest.param(11, 97, 24, 3, "fp32", True, id="B11-N97-D24-K3-fp32-norms"),
+    pytest.param(2, 5, 96, 9, "fp16", False, id="B2-N5-D96-K9-fp16-N<K"),
+    pytest.param(8, 200, 1030, 4, "bf16", False, id="B8-N200-D1030-K4-bf16-dim-chunks"),
+]
+
+
+@pytest.mark.parametrize("batch, n, d, k, dtype_name, with_norms", SHARED_CASES)
+def test_keys_shared_across_the_batch(device, batch, n, d, k, dtype_name, with_norms):
+    """One key buffer for every stream (batch stride 0), each stream with its own query
+    and its own eligible range (a recency guard per stream), copies of rows for ties."""
+    gen = torch.Generator().manual_seed(batch * 1000 + n)
+    dtype = DTYPES[dtype_name]
+    base = torch.randn(n, d, generator=gen)
+    if n > 4:
+        base[n // 2] = base[1]
+        base[n - 1] = base[1]
+    keys = base.to(device, dtype).unsqueeze(0).expand(batch, -1, -1)
+    assert keys.stride(0) == 0
+    query = torch.randn(batch, d, generator=gen).to(device, dtype)
+    query[-1] = keys[0, 1]          # its best candidate is a three-way tie
+    start = torch.randint(0, max(n // 3, 1), (batch,), generator=gen).to(device)
+    end = torch.randint(max(n // 2, 1), n + 3, (batch,), generator=gen).to(device)
+    end[0] = n
+    start[-1] = 0
+    norms = keys.float().norm(dim=-1) if with_norms else None
+    tops, table = oracle(query, keys, k, end, norms, eligible_start=start)
+    ref = search_topk_ref(query, keys, k, end, key_norms=norms, eligible_start=start)
+    assert_topk_matches(*ref, tops, table, k)
+    out = search_topk(query, keys, k, end, key_norms=norms, eligible_start=start, mode="triton")
+    assert_topk_matches(*out, tops, table, k)
+    assert_same_result(out, ref)
+
+
+def test_shared_keys_are_read_once_per_group(monkeypatch):
+    """Streams over one key buffer go to one program per split (grid [groups, splits]);
+    distinct buffers get one program per stream."""
+    grids = []
+    kernel = search_module._search_partial_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(search_module, "check_kernel_runnable", lambda *args: None)
+    monkeypatch.setattr(search_module, "_search_partial_kernel", Recorder())
+    query = torch.randn(11, 16)
+    shared = torch.randn(40, 16).unsqueeze(0).expand(11, -1, -1)
+    search_topk(query, shared, 3, 40, mode="triton")
+    search_topk(query, shared.contiguous(), 3, 40, mode="triton")
+    assert [g[0] for g in grids] == [2, 11]     # 11 streams: groups of 8, or one each
+
+
+def test_autotune_configs_fit_every_shape():
+    """Pruning keeps at least one config, every kept row tile holds the running top-k, and
+    the dim block keeps the tile in its register budget (whole rows, q resident, when it can)."""
+    configs = search_module._autotune_configs()
+    for kp in (2, 8, 64):
+        for group in (1, 8):
+            for n_bucket in (1, 64, 1 << 17):
+                kept = search_module._prune(configs, {"KP": kp, "GB": group, "N_BUCKET": n_bucket})
+                assert kept and all(c.kwargs["BN"] >= kp for c in kept)
+                for c in kept:
+                    for d in (1, 24, 96, 1024, 1030):
+                        bd = search_module._dim_block(d, group, c.kwargs["BN"])
+                        assert group * c.kwargs["BN"] * bd <= max(search_module.TILE_ELEMENTS, 16 * group * kp)
+    assert search_module._dim_block(1024, 1, 16) >= 1024
 
 
 def test_given_norms_are_used(device):
