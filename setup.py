@@ -109,6 +109,10 @@ setup(
         "diffusers": ["diffusers>=0.33"],
         # Prompts in, video out: UMT5 (transformers), the Wan VAE (diffusers), mp4 (PyAV)
         "pipeline": ["transformers>=4.45", "sentencepiece", "diffusers>=0.33", "av", "pillow"],
+        # Serving: the streaming WebSocket/HTTP server (lrag-engine serve) and its test client
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "websockets>=12"],
+        # Beyond one GPU: Ray Serve replicas (lrag_engine.serving.ray_app)
+        "ray": ["ray[serve]>=2.30"],
     },
     package_data={"lrag_engine.encoder": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["lrag-engine=lrag_engine.cli:main"]},

@@ -301,11 +301,85 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    memory = MemoryConfig()
+    p = sub.add_parser("serve", help="serve streams over WebSocket and HTTP (FastAPI + uvicorn; the built-in tiny "
+                                     "demo model without --model-dir)", formatter_class=HelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--model-dir", help="a Wan2.1-T2V model directory (see generate) (default: the tiny preset with "
+                                       "random weights, text encoder and VAE)")
+    p.add_argument("--checkpoint", help="model weights laid over --model-dir or the preset (default: random weights)")
+    p.add_argument("--checkpoint-key", help="checkpoint entry (see generate)")
+    p.add_argument("--lora", help="LoRA weights merged into --checkpoint (default: none)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the LoRA rank)")
+    p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS), help="model shapes without --model-dir")
+    p.add_argument("--height", type=int, help="latent frame height with --model-dir (default 60)")
+    p.add_argument("--width", type=int, help="latent frame width with --model-dir (default 104)")
+    p.add_argument("--encoder", help="retrieval encoder checkpoint for descriptors (default: the spatial mean)")
+    p.add_argument("--frames-per-block", type=int, default=memory.frames_per_block,
+                   help="latent frames per autoregressive block")
+    p.add_argument("--window", type=int, default=memory.window, help="frames in the sliding-window cache")
+    p.add_argument("--sink", type=int, default=memory.sink, help="first frames, never evicted from the window")
+    p.add_argument("--top-k", type=int, default=memory.top_k,
+                   help="most retrieved frames per block a request may ask for")
+    p.add_argument("--recency-guard", type=int, default=memory.recency_guard,
+                   help="most recently evicted frames that may not be retrieved")
+    p.add_argument("--max-history-frames", type=int,
+                   help="history frames each stream keeps at most (default: no cap); endless streams (no "
+                        "num_frames) need a cap, or top_k 0")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="model precision (default: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--kernels", default="auto", choices=KERNEL_MODES, help="kernel choice (see generate)")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS, help="attention backend")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the default noise seed")
+    p.add_argument("--max-streams", type=int, default=16, help="streams running at once")
+    p.add_argument("--max-batch", type=int, default=8, help="streams sharing one forward")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests waiting for a place; more are refused")
+    p.add_argument("--queue-blocks", type=int, default=4,
+                   help="finished blocks a stream may hold for a slow client before it pauses")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    p.set_defaults(func=cmd_serve, text=None)
+
+
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise OSError(f'serve needs FastAPI and uvicorn: pip install -e ".[serve]" ({exc})') from None
+    from .serving.async_engine import AsyncEngine
+    from .serving.server import create_app
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if (args.height or args.width) and not args.model_dir:
+        raise ValueError("--height/--width set the latent size of a --model-dir model; presets have their own")
+    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    memory = MemoryConfig(window=args.window, sink=args.sink, top_k=args.top_k, recency_guard=args.recency_guard,
+                          frames_per_block=args.frames_per_block, max_history_frames=args.max_history_frames)
+    runtime = RuntimeConfig(device=args.device, dtype=dtype, kernels=args.kernels, attention_backend=args.attention)
+    engine, weights = _build_engine(args, memory, runtime)
+    ae = AsyncEngine(engine, max_streams=args.max_streams, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                     queue_blocks=args.queue_blocks)
+    print(f"lrag-engine serve: {weights}; device {args.device}, {dtype}; up to {args.max_streams} streams, "
+          f"{args.max_batch} per forward")
+    random_parts = engine.pipeline_is_random
+    if random_parts:
+        print(f"note: {random_parts} random (seeded, nothing downloaded): streams show what the engine does, not "
+              "what a trained model draws")
+    print(f"WebSocket ws://{args.host}:{args.port}/v1/stream; HTTP /health, /metrics, POST /v1/generate", flush=True)
+    uvicorn.run(create_app(ae), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrag-engine", description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command")
     _add_generate(sub)
+    _add_serve(sub)
     from .encoder.cli import add_subcommands
     add_subcommands(sub, formatter_class=HelpFormatter)
     return parser

@@ -405,7 +405,7 @@ class Engine:
         too with ``recache_sink=True``); block 0's text is ``text`` (or ``text_timeline[0]``
         when ``text`` is None). prompt / prompt_timeline: the same as text strings (one
         per stream), through the engine's text encoder. With a VAE each block carries its
-        decoded frames (``frames_rgb`` [B, F', 8H, 8W, 3] uint8; F' = 4F - 3 for the first
+        decoded frames (``frames_rgb`` [B, F', 8H, 8W, 3] uint8 on the CPU; F' = 4F - 3 for the first
         block, 4F after). All inputs are validated before any work starts.
 
         Noise rule: a CPU ``torch.Generator`` seeded with ``seed`` first draws the seed of
@@ -458,20 +458,20 @@ class Engine:
         if renoise is not None:
             renoise = [r.to(self.device, torch.float32) for r in renoise]
         # Pixels: each block is decoded as soon as it is done, the VAE's causal cache carried
-        # from block to block (on CUDA on the decoder's own stream).
+        # from block to block; on CUDA on the decoder's own stream, which the compute stream
+        # never waits for (the decode of block n overlaps the DiT of block n + 1).
         decoder = self.vae.stream_decoder() if self.vae is not None else None
         # Given frames are decoded first: the video continues them, and the decoder's causal
         # cache holds them when the first generated block is decoded.
         given = None
         if decoder is not None and initial_latents is not None:
-            given = decoder.decode_block(initial_latents.to(self.device, torch.float32))
+            given = decoder.decode_block_async(initial_latents.to(self.device, torch.float32)).result()
         try:
             for out in session.run(num_blocks, block_noise, renoise, text_timeline=timeline,
                                    recache_sink=recache_sink):
                 if decoder is not None:
-                    out.frames_rgb = decoder.decode_block(out.latents)
-                    if given is not None:
-                        out.frames_rgb, given = torch.cat([given, out.frames_rgb], dim=1), None
+                    out.set_pending_frames(decoder.decode_block_async(out.latents), given)
+                    given = None
                 yield out
         finally:
             session.close()   # a consumer may stop early: settle the side stream, free the pages
@@ -517,16 +517,23 @@ class Engine:
             from .pipeline.video import Mp4Writer
             writer = Mp4Writer(video_path, fps=fps)
         start = time.perf_counter()
+
+        def take_pixels(block: BlockOutput) -> None:
+            pixels = block.frames_rgb       # waits for this block's decode only
+            if pixels is not None:
+                frames.append(pixels)
+                if writer is not None:
+                    writer.append(pixels[0])
+
+        decoded = None   # the previous block: its frames are read once the next one is queued
         try:
             for block in self._run(memory, batch, num_blocks, *rest):
                 host = out[:, block.frames[0] - primed:block.frames[1] - primed]   # generated frames only
                 host.copy_(block.latents, non_blocking=True)
                 block.latents = host   # the device copy is released (stream-ordered reuse)
-                if block.frames_rgb is not None:
-                    pixels = block.frames_rgb.cpu()
-                    frames.append(pixels)
-                    if writer is not None:
-                        writer.append(pixels[0])
+                if decoded is not None:
+                    take_pixels(decoded)
+                decoded = block
                 logs.append(block)
                 seconds.append(block.seconds)
                 if bar is not None:
@@ -534,6 +541,8 @@ class Engine:
                     video = sum(f.shape[1] for f in frames)
                     if video:
                         bar.set_postfix_str(f"{video / (time.perf_counter() - start):.1f} video frames/s")
+            if decoded is not None:
+                take_pixels(decoded)
             if writer is not None:
                 writer.close()
         except BaseException:

@@ -45,7 +45,9 @@ class BlockOutput:
     latents: [B, F, C, H, W] float32 on the engine's device (``.cpu()`` when needed: the
         engine itself never waits for the device inside the block loop).
     log: the block's retrieval log, read from the device on first access.
-    frames_rgb: [B, F', 8H, 8W, 3] uint8 decoded frames when the engine has a VAE, else None.
+    frames_rgb: [B, F', 8H, 8W, 3] uint8 decoded frames on the CPU when the engine has a
+        VAE, else None. On CUDA the decode runs on its own stream while the next block is
+        computed; the first access waits for this block's decode only.
     seconds: host time spent enqueueing the block (on CUDA not the device time).
     """
 
@@ -53,7 +55,26 @@ class BlockOutput:
                  log: Callable[[], BlockLog], seconds: float) -> None:
         self.block, self.frames, self.latents, self.seconds = block, frames, latents, seconds
         self._log_fn, self._log = log, None
-        self.frames_rgb: torch.Tensor | None = None   # decoded video frames, when the engine has a VAE
+        self._frames: torch.Tensor | None = None   # decoded video frames, when the engine has a VAE
+        self._pending = None                       # PendingFrames of a decode still running
+        self._lead: torch.Tensor | None = None     # frames that lead this block's (given frames)
+
+    @property
+    def frames_rgb(self) -> torch.Tensor | None:
+        if self._pending is not None:
+            frames = self._pending.result()
+            self._pending = None
+            self._frames = frames if self._lead is None else torch.cat([self._lead, frames], dim=1)
+            self._lead = None
+        return self._frames
+
+    @frames_rgb.setter
+    def frames_rgb(self, frames: torch.Tensor | None) -> None:
+        self._frames, self._pending, self._lead = frames, None, None
+
+    def set_pending_frames(self, pending, lead: torch.Tensor | None = None) -> None:
+        """Frames still being decoded (``PendingFrames``), led by ``lead`` (CPU) if given."""
+        self._frames, self._pending, self._lead = None, pending, lead
 
     @property
     def log(self) -> BlockLog:
@@ -70,7 +91,8 @@ class Session:
     initial noise of each block as the block starts.
     """
 
-    def __init__(self, engine: "Engine", batch: int, text: torch.Tensor, seed: int, memory: MemoryConfig) -> None:
+    def __init__(self, engine: "Engine", batch: int, text: torch.Tensor, seed: int, memory: MemoryConfig,
+                 workspace=None) -> None:
         self.engine = engine
         self.batch = batch
         self.memory = memory
@@ -83,7 +105,7 @@ class Session:
                                         dtype=engine.dtype, device=engine.device, attention_backend=engine.attend,
                                         kernels=rt.kernels, page_table=engine.page_table,
                                         pool=engine.page_pool(batch) if memory.top_k > 0 else None,
-                                        workspace=engine.workspace(batch),
+                                        workspace=workspace or engine.workspace(batch),
                                         refetch_per_forward=rt.retrieval_fetch == "per_forward")
         with torch.inference_mode():
             self.cross_kv = engine.model.encode_text(text.to(engine.device, engine.dtype))
@@ -95,6 +117,7 @@ class Session:
         self._zero_t = torch.zeros(batch, f, device=engine.device)
         self._seen: set[tuple] = set()   # context signatures this session has run
         self.switches: list[tuple[int, bool]] = []   # (block it applies before, recache_sink)
+        self.text_version = 0    # bumped by every text switch (batched forwards key loaded text by it)
         self.block = 0
         self.primed = 0      # given clean frames written by prime() before the first block
         self.closed = False
@@ -258,6 +281,7 @@ class Session:
                 engine.model(clean, zero_t, cross_kv, attention)   # output discarded
                 self.cache.end_recache()
         self.cross_kv = cross_kv
+        self.text_version += 1
         # Static forwards read the text K/V from the workspace: load the new text next time.
         self.cache.workspace.forget_text(self)
         self.switches.append((self.block, recache_sink))

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from ..ops.rope import RopeTables, apply_rope_ref
+from ..ops.rope_store import rope_store
+from ..ops.rope import RopeTables
 from .backend import AttendFn
 
 
@@ -27,6 +28,14 @@ class ContextBuffer:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.tokens_per_frame = tokens_per_frame
 
+    def rows(self, start: int, stop: int) -> "ContextBuffer":
+        """A view of streams ``start:stop`` (shares storage): what one session of a batched
+        forward splices into."""
+        view = ContextBuffer.__new__(ContextBuffer)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.tokens_per_frame = self.tokens_per_frame
+        return view
+
 
 @dataclass
 class BlockAttention:
@@ -37,6 +46,10 @@ class BlockAttention:
     un-rotated K and V are also stored into the block's window slots, or, with
     ``stage_k`` (a recache pass that static forwards share), into that staging area
     ``[L, B, F*N, H, D]``.
+
+    kernels: "auto" | "triton" | "reference" (``lrag_engine.ops.dispatch``): with the
+    Triton kernel, one launch per call rotates q and k and stores every K/V
+    (``lrag_engine.ops.rope_store``); with the reference, the same in PyTorch ops.
     """
 
     context: ContextBuffer
@@ -52,6 +65,7 @@ class BlockAttention:
     stage_v: torch.Tensor | None = None
     on_store: Callable[[int], None] | None = None   # told each layer whose window K/V were stored
     current: Callable[[], bool] | None = None       # False once its block is over (eager callables)
+    kernels: str = "auto"
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self._check(layer, q, k, v)
@@ -61,19 +75,19 @@ class BlockAttention:
         end = self.context_frames * self.context.tokens_per_frame
         start = end - n_block
         ctx_k, ctx_v = self.context.k[layer], self.context.v[layer]
-        ctx_k[:, start:end] = apply_rope_ref(k, self.block_cos, self.block_sin)
-        ctx_v[:, start:end] = v
+        raw_k = raw_v = slots = None
         if self.window_k is not None:
-            b, _, h, d = k.shape
-            frames = self.block_slots.shape[0]
-            self.window_k[layer].index_copy_(1, self.block_slots, k.reshape(b, frames, -1, h, d))
-            self.window_v[layer].index_copy_(1, self.block_slots, v.reshape(b, frames, -1, h, d))
+            raw_k, raw_v, slots = self.window_k[layer], self.window_v[layer], self.block_slots
+        elif self.stage_k is not None:
+            raw_k, raw_v = self.stage_k[layer], self.stage_v[layer]
+        q_rot = rope_store(q, k, v, self.block_cos, self.block_sin, ctx_k[:, start:end], ctx_v[:, start:end],
+                           raw_k, raw_v, slots, mode=self.kernels)
+        if self.window_k is not None:
             if self.on_store is not None:
                 self.on_store(layer)
-        if self.stage_k is not None:
-            self.stage_k[layer].copy_(k)
-            self.stage_v[layer].copy_(v)
-        q_rot = apply_rope_ref(q, self.block_cos, self.block_sin)
+            if self.stage_k is not None:
+                self.stage_k[layer].copy_(k)
+                self.stage_v[layer].copy_(v)
         return self.attend(q_rot, ctx_k[:, :end], ctx_v[:, :end])
 
 

@@ -23,6 +23,7 @@ This is the seam another AR backbone uses to get LongLive-RAG memory:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -99,16 +100,78 @@ class Workspace:
         if self.owner is owner:
             self.owner = None
 
+    def _ensure_text(self, like) -> None:
+        if self.cross_kv is None:
+            self.cross_kv = [(torch.empty((self.batch, *k.shape[1:]), dtype=k.dtype, device=self.device),
+                              torch.empty((self.batch, *v.shape[1:]), dtype=v.dtype, device=self.device))
+                             for k, v in like]
+            self.stage_k = torch.empty(self._stage_shape, dtype=self.context.k.dtype, device=self.device)
+            self.stage_v = torch.empty_like(self.stage_k)
+
+    def load_rows(self, key: tuple, parts: list) -> None:
+        """Batched forwards: the text K/V of several sessions, ``parts`` (one cross_kv per
+        session, in row order) into the first rows, unless ``key`` (who, with which
+        text) is already loaded."""
+        self._ensure_text(parts[0])
+        if self.owner == key:
+            return
+        row = 0
+        for cross_kv in parts:
+            b = cross_kv[0][0].shape[0]
+            for (dk, dv), (k, v) in zip(self.cross_kv, cross_kv):
+                dk[row:row + b].copy_(k)
+                dv[row:row + b].copy_(v)
+            row += b
+        self.owner = key
+
+    def rows(self, start: int, stop: int) -> "WorkspaceRows":
+        """Rows ``start:stop`` of this workspace, for one session of a batched forward."""
+        if not 0 <= start < stop <= self.batch:
+            raise ValueError(f"Workspace.rows: {start}:{stop} is not within its {self.batch} rows")
+        return WorkspaceRows(self, start, stop)
+
+
+class WorkspaceRows:
+    """Rows of a :class:`Workspace`: what one session of a batched forward splices into
+    and drains (context rows, staging rows); text and RoPE tables are the parent's."""
+
+    def __init__(self, parent: Workspace, start: int, stop: int) -> None:
+        self.parent, self.start, self.stop = parent, start, stop
+        self.batch = stop - start
+        self.device = parent.device
+        self.context = parent.context.rows(start, stop)
+        self.owner = None
+
+    @property
+    def stage_k(self) -> torch.Tensor | None:
+        stage = self.parent.stage_k
+        return None if stage is None else stage[:, self.start:self.stop]
+
+    @property
+    def stage_v(self) -> torch.Tensor | None:
+        stage = self.parent.stage_v
+        return None if stage is None else stage[:, self.start:self.stop]
+
+    def rope(self, tables: RopeTables, positions: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.parent.rope(tables, positions)
+
+    def forget_text(self, owner: object) -> None:
+        pass   # batched forwards key the loaded text by (session, text version)
+
 
 def make_page_pool(memory: MemoryConfig, num_layers: int, batch: int, tokens_per_frame: int, num_heads: int,
                    head_dim: int, dtype: torch.dtype, device: torch.device | str, host_only: bool = False,
                    table: str = "auto") -> PagePool:
     """A page pool sized by ``memory``'s budgets (see :class:`HistoryBudget`)."""
+    if host_only and memory.history_dtype is not None:
+        raise ValueError(f"MemoryConfig.history_dtype={memory.history_dtype!r} is not available with the "
+                         "per-forward refetch baseline (it copies raw pages); use history_dtype=None")
     budget = HistoryBudget.plan(memory, num_layers, batch, tokens_per_frame, num_heads, head_dim, dtype,
                                 host_only=host_only)
     gpu_pages, host_pages = budget.pool_pages()
     return PagePool(num_layers, tokens_per_frame, num_heads, head_dim, dtype, device, gpu_pages=gpu_pages,
-                    host_pages=host_pages, chunk_pages=budget.chunk_pages, table=table)
+                    host_pages=host_pages, chunk_pages=budget.chunk_pages, table=table,
+                    history_dtype=memory.history_dtype)
 
 
 class RetrievalCache:
@@ -140,7 +203,9 @@ class RetrievalCache:
             if pool is None:
                 pool = make_page_pool(memory, num_layers, batch, tokens_per_frame, device=device,
                                       host_only=refetch_per_forward, table=page_table, **dims)
-            history = HistoryStore(pool, batch, descriptor.dim, overflow_policy=memory.overflow_policy)
+            history = HistoryStore(pool, batch, descriptor.dim, overflow_policy=memory.overflow_policy,
+                                   max_frames=memory.max_history_frames, retention=memory.retention,
+                                   recency_guard=memory.recency_guard)
         self.history = history
         self.workspace = workspace or Workspace(num_layers, batch, memory.window, tokens_per_frame,
                                                 frames_per_block=memory.frames_per_block, device=device, **dims)
@@ -151,6 +216,7 @@ class RetrievalCache:
         self.unlogged_blocks = 0    # blocks not numbered in the logs (priming from given frames)
         self.signature: tuple = ()
         self._placement: BlockPlacement | None = None
+        self._plan: tuple | None = None     # (result, log, placement, layout) between plan and commit
         self._context_frames = 0
         # Persistent device buffers, updated in place.
         self._full_slots = torch.zeros(memory.frames_per_block, dtype=torch.int64, device=self.device)
@@ -177,10 +243,14 @@ class RetrievalCache:
         mem = self.memory
         if self.query is None or mem.top_k == 0:
             empty = torch.empty(self.batch, 0, device=self.device)
-            return RetrievalResult(empty.long(), empty.float(), 0)
+            return RetrievalResult(empty.long(), empty.float(), 0, kept=self.history.num_frames)
         keys = self.history.descriptors().to(self.device, non_blocking=True)
         norms = self.history.descriptor_norms().to(self.device, non_blocking=True)
         result = retrieve(self.query, keys, norms, mem.top_k, mem.recency_guard, self.kernels)
+        result.kept = keys.shape[1]
+        # history ordinals of the retrieved frames (read now: the next append may move them)
+        result.ids = self.history.frame_ids().gather(1, result.index.to(self.device))
+        self.history.record_hits(result.index)
         if result.count:
             # Resolving pages makes them resident (a host-tier prefetch), here on the side
             # stream when called from start_retrieval.
@@ -249,13 +319,31 @@ class RetrievalCache:
         frames: the block's frame count, ``frames_per_block`` F by default; a shorter
         block (1 <= frames < F) serves priming from given clean frames (``Session.prime``),
         whose first block holds the remainder when their count is not a multiple of F.
+
+        It is :meth:`plan_block` then :meth:`commit_block`; a caller that batches several
+        sessions' forwards plans them all first (the plan tells the context signature),
+        then commits each into its rows of a shared workspace (:meth:`bind`).
         """
+        if self._plan is None:
+            self.plan_block(frames)
+        elif frames is not None and frames != len(self._plan[2].block):
+            raise ValueError(f"begin_block: the planned block holds {len(self._plan[2].block)} frames, "
+                             f"got frames={frames!r}")
+        return self.commit_block()
+
+    def plan_block(self, frames: int | None = None) -> tuple:
+        """First half of :meth:`begin_block`: takes the block's search result and plans
+        where its frames go, writing nothing. Returns the block's context signature
+        ``(sinks, retrieved, local, block positions)``: sessions with equal signatures
+        can share a forward."""
         full = self.memory.frames_per_block
         if frames is None:
             frames = full
         if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= full:
             raise ValueError(f"begin_block: frames must be frames_per_block={full}, got {frames!r} (a short "
                              f"block, for priming from given frames, may hold 1..{full} frames)")
+        if self._plan is not None:
+            raise RuntimeError("plan_block: a block is already planned; commit it (commit_block) first")
         self._check_protocol()
         self.finish_recache()
         if self._pending is None:
@@ -267,15 +355,25 @@ class RetrievalCache:
             for tensor in (result.index, result.scores, result.pages):
                 if tensor is not None and tensor.is_cuda:
                     tensor.record_stream(torch.cuda.current_stream(self.device))
-        # Global id of history frame i, fixed before this block's evictions.
-        frame_offset = self.memory.sink + self.history.dropped_frames
         first = self.window.next_frame
+        # Global id of history frame ordinal o: sink + o.
         log = make_log(self.block_index - self.unlogged_blocks, (first, first + frames),
                        first - 1 if self.query is not None and self.memory.top_k > 0 else None,
-                       result, frame_offset)
-
+                       result, self.memory.sink, history_frames=self.history.appended_frames)
         placement = self.window.plan_block(frames)
         layout = self._layout(placement, result.count)
+        self._plan = (result, log, placement, layout)
+        return (layout.sinks, layout.retrieved, layout.local, layout.block_positions)
+
+    def commit_block(self) -> Callable[[], BlockLog]:
+        """Second half of :meth:`begin_block`: splice the retrieved frames, move evicted
+        frames into the history, splice the window into the bound workspace's context."""
+        if self._plan is None:
+            raise RuntimeError("commit_block: no block is planned (call plan_block first)")
+        if self.closed:
+            raise RuntimeError("commit_block: this retrieval attention is closed")
+        result, log, placement, layout = self._plan
+        self._plan = None
         # Retrieved pages are spliced before this block's evictions enter the history, so
         # an append that spills pages can never move them under the splice.
         self._splice_retrieved(layout, result)
@@ -293,6 +391,29 @@ class RetrievalCache:
         self._switched = False
         self._ended, self._recached = False, None
         return log
+
+    def bind(self, workspace: "Workspace | WorkspaceRows") -> None:
+        """Splice into, and run the forwards of, ``workspace`` (its batch must be this
+        cache's) from the next block on: a workspace of its own size, or rows of a larger
+        one that several sessions' batched forwards share."""
+        if workspace.batch != self.batch:
+            raise ValueError(f"bind: the workspace holds {workspace.batch} rows, this cache {self.batch} streams")
+        if self._placement is not None and self._plan is None:
+            raise RuntimeError("bind: only before the first block or between plan_block and commit_block")
+        self.workspace = workspace
+        self.context = workspace.context
+
+    def mark_static_pass(self, recache: bool) -> None:
+        """Bookkeeping of a forward that a batch runner ran for this cache over a shared
+        workspace with static (staged) attention: the recache pass stored every layer
+        into the staging rows, which :meth:`finish_recache` moves into the window."""
+        if self._placement is None or self._switched or self.closed:
+            raise RuntimeError("mark_static_pass: no block is running")
+        if self.block_slots is not self._full_slots:
+            raise ValueError("mark_static_pass: a short (priming) block runs eagerly only")
+        self._staged = recache
+        if recache:
+            self._recached = set(range(self.window.k.shape[0]))
 
     def _layout(self, placement: BlockPlacement, retrieved: int) -> _Layout:
         """Which window frames the context holds, and at which RoPE positions."""
@@ -329,7 +450,7 @@ class RetrievalCache:
         zeros = torch.zeros(layout.retrieved, dtype=torch.int64, device=self.device)
         pool = self.history.pool
         splice(pool.k_chunks, pool.v_chunks, result.pages, zeros, self.tables, self.context.k, self.context.v,
-               frame_offset=layout.sinks, mode=self.kernels, chunk_pages=pool.chunk_pages)
+               frame_offset=layout.sinks, mode=self.kernels, chunk_pages=pool.chunk_pages, **pool.scales)
 
     def _splice_window(self, layout: _Layout, placement: BlockPlacement) -> None:
         self._context_frames = layout.sinks + layout.retrieved + layout.local + len(placement.block)
@@ -389,7 +510,7 @@ class RetrievalCache:
         if recache and static:
             ws = self.workspace
             return BlockAttention(self.context, self._context_frames, cos, sin, self.attend,
-                                  stage_k=ws.stage_k, stage_v=ws.stage_v)
+                                  stage_k=ws.stage_k, stage_v=ws.stage_v, kernels=self.kernels)
         window = dict(window_k=self.window.k, window_v=self.window.v, block_slots=self.block_slots,
                       on_store=self._recached.add) if recache else {}
         # An eager callable serves this block only; a static forward's (built once, replayed
@@ -397,7 +518,18 @@ class RetrievalCache:
         epoch = self._epoch
         current = None if static else (lambda: self._epoch == epoch and not self.closed)
         return BlockAttention(self.context, self._context_frames, cos, sin, self.attend, refetch=refetch,
-                              current=current, **window)
+                              current=current, kernels=self.kernels, **window)
+
+    def batch_attention(self, workspace: Workspace, rows: int, recache: bool) -> BlockAttention:
+        """The static attention of a forward over the first ``rows`` rows of ``workspace``
+        that batches this session with others of the same context signature (each bound
+        to its rows); for this session it is :meth:`attention` with ``static=True``, the
+        others get :meth:`mark_static_pass`."""
+        attention = self.attention(recache=recache, static=True)
+        view = workspace.rows(0, rows)
+        return dataclasses.replace(attention, context=view.context,
+                                   stage_k=view.stage_k if recache else None,
+                                   stage_v=view.stage_v if recache else None)
 
     def finish_recache(self) -> None:
         """After the recache forward: move staged block K/V into the window's slots."""
@@ -452,6 +584,8 @@ class RetrievalCache:
         if not isinstance(recache_sink, bool):
             raise TypeError(f"begin_recache: recache_sink must be a bool, got {type(recache_sink).__name__}")
         self._check_protocol("begin_recache")
+        if self._plan is not None:
+            raise RuntimeError("begin_recache: a block is planned (plan_block) but not committed")
         self.finish_recache()    # a static recache pass's K/V must be in the window first
         order = self.window.order
         sink = self.memory.sink
@@ -478,7 +612,7 @@ class RetrievalCache:
         epoch = self._epoch
         attention = BlockAttention(self.context, len(kept) + len(redo), cos, sin, self.attend,
                                    window_k=self.window.k, window_v=self.window.v, block_slots=slots,
-                                   on_store=self._switch.add,
+                                   on_store=self._switch.add, kernels=self.kernels,
                                    current=lambda: self._epoch == epoch and self._switch is not None
                                    and not self.closed)
         return clean, attention

@@ -319,6 +319,23 @@ class WanVAE:
         return StreamingDecoder(self)
 
 
+class PendingFrames:
+    """Decoded frames on their way to host memory: ``result()`` waits (the host only,
+    for this decode only) and returns them, uint8 ``[B, F', 8H, 8W, 3]`` on the CPU."""
+
+    def __init__(self, frames: torch.Tensor, done: "torch.cuda.Event | None") -> None:
+        self._frames, self._done = frames, done
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def result(self) -> torch.Tensor:
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+        return self._frames
+
+
 class StreamingDecoder:
     """Decodes one latent video block by block with the causal-conv cache kept between
     blocks: ``cat([decode_block(b) for b in blocks], dim=1) == vae.decode(cat(blocks, 1))``.
@@ -327,10 +344,12 @@ class StreamingDecoder:
     The batch size is fixed by the first block. One decoder per video: start a new one
     (``vae.stream_decoder()``) for the next.
 
-    On CUDA the decode runs on the decoder's own stream: it waits for the work already
-    queued on the caller's stream (which produced the latents), and the caller's stream
-    waits for the decode before the frames are used, so results are ordered as in program
-    order while the decode kernels stay off the stream the engine captures or times.
+    On CUDA the decode runs on the decoder's own stream, after the work already queued
+    on the caller's stream (which produced the latents). ``decode_block`` then makes the
+    caller's stream wait for it (results in program order); ``decode_block_async``
+    does not: the frames come to pinned host memory on the decoder's stream, and only
+    the host waits for them (``PendingFrames.result``), so the decode of block n runs
+    while the caller's stream computes block n + 1.
     """
 
     def __init__(self, vae: WanVAE) -> None:
@@ -361,6 +380,29 @@ class StreamingDecoder:
             video.record_stream(caller)
         self.batch = latents.shape[0]
         return _to_float(video) if as_float else _to_uint8(video)
+
+    @torch.no_grad()
+    def decode_block_async(self, latents: torch.Tensor) -> "PendingFrames":
+        """Like ``decode_block`` (uint8 frames), but the caller's stream does not wait:
+        the frames arrive in host memory (pinned on CUDA) when ``result()`` says so.
+        Blocks must still be given in order; each waits for the caller's work queued
+        before it (the latents)."""
+        if self._stream is None:
+            return PendingFrames(self.decode_block(latents).cpu(), None)
+        _check_latents(latents, self.vae.channels)
+        if self.batch is not None and latents.shape[0] != self.batch:
+            raise ValueError(f"a streaming decoder decodes one batch: got {latents.shape[0]} videos, "
+                             f"its first block had {self.batch}")
+        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        latents.record_stream(self._stream)   # the caller may free them before the decode ran
+        with torch.cuda.stream(self._stream):
+            video = _to_uint8(self._decode(latents))
+            host = torch.empty(video.shape, dtype=video.dtype, pin_memory=True)
+            host.copy_(video, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        self.batch = latents.shape[0]
+        return PendingFrames(host, done)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The loop of diffusers' ``AutoencoderKLWan._decode``, with a cache that outlives it."""

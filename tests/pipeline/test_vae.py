@@ -155,3 +155,38 @@ def test_missing_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match='pip install -e ".\\[pipeline\\]"'):
         WanVAE.random(0)
+
+
+def _async_matches_sync(vae, device, blocks=(3, 3, 2)):
+    z = _latents(1, sum(blocks), 16, 2, 3, seed=11).to(device)
+    sync, pending, start = vae.stream_decoder(), [], 0
+    expected = []
+    decoder = vae.stream_decoder()
+    for size in blocks:
+        part = z[:, start:start + size]
+        expected.append(sync.decode_block(part).cpu())
+        pending.append(decoder.decode_block_async(part))
+        start += size
+    for want, got in zip(expected, pending):
+        frames = got.result()
+        assert frames.device.type == "cpu" and frames.dtype == torch.uint8
+        assert torch.equal(frames, want)
+
+
+def test_async_decode_equals_decode_block(vae):
+    """decode_block_async (the frames of each block to host memory, the caller's stream
+    not waiting on CUDA) gives decode_block's frames; on the CPU it decodes at once."""
+    _async_matches_sync(vae, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_async_decode_on_cuda_equals_decode_block():
+    """On the decoder's own stream, results arrive through pinned host memory in order,
+    equal to the synchronous decode, while the caller's stream runs other work."""
+    vae = WanVAE.random(seed=0, device=torch.device("cuda"))
+    a = torch.randn(2048, 2048, device="cuda")
+    for _ in range(20):          # work queued on the caller's stream after each decode
+        a = a @ a / 2048
+    _async_matches_sync(vae, "cuda")
+    torch.cuda.synchronize()
