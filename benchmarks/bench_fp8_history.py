@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lrag_engine import Engine, MemoryConfig
+from lrag_engine.bench.timing import torch_threads
 from lrag_engine.config import ModelConfig, RuntimeConfig
 from lrag_engine.memory.budget import HistoryBudget
 
@@ -99,11 +100,8 @@ def wan_bytes() -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(None):   # _main sets one thread; the caller's count comes back
         return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(argv: list[str] | None) -> dict:

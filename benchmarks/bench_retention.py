@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from lrag_engine import Engine, MemoryConfig
+from lrag_engine.bench.timing import torch_threads
 from lrag_engine.config import RETENTION_POLICIES
 from lrag_engine.encoder.corpus import SyntheticCorpusConfig, generate_synthetic_corpus
 from lrag_engine.memory.history import HistoryStore, PagePool
@@ -162,11 +163,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(None):   # _main sets one thread; the caller's count comes back
         return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(argv: list[str] | None) -> dict:

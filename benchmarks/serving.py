@@ -66,7 +66,7 @@ import torch
 from lrag_engine.bench.devices import device_slug
 from lrag_engine.bench.provenance import now
 from lrag_engine.bench.records import environment, write_json
-from lrag_engine.bench.timing import percentile, synchronize
+from lrag_engine.bench.timing import percentile, synchronize, torch_threads
 from lrag_engine.config import MemoryConfig, RuntimeConfig
 from lrag_engine.engine import Engine
 
@@ -528,18 +528,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"serving: the {args.workload} workload needs CUDA", file=sys.stderr)
         return 2
-    threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1 if device.type == "cpu" else None):
         engine = build_engine(workload)
         env = environment(device)
         print(f"serving load test: {args.workload} workload, {workload.preset} on {device} {workload.runtime.dtype}, "
               f"{reps} reps + {args.warmup} warm-up per N and mode")
         out = sweep(engine, streams, reps, args.warmup, args.seed, min_blocks, max_blocks, stagger)
         describe = engine.describe()
-    finally:
-        torch.set_num_threads(threads_before)
     report = {
         "benchmark": "serving",
         "environment": env,
@@ -548,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                    "frames_per_block": workload.memory.frames_per_block, "memory": asdict(workload.memory),
                    "streams": list(streams), "reps": reps, "warmup": args.warmup, "seed": args.seed,
                    "min_blocks": min_blocks, "max_blocks": max_blocks, "stagger": stagger,
-                   "torch_threads": 1 if device.type == "cpu" else threads_before,
+                   "torch_threads": 1 if device.type == "cpu" else torch.get_num_threads(),
                    "modes": {"batched": "Scheduler(max_batch=N)", "one_at_a_time": "Scheduler(max_batch=1)"},
                    "driver": "one thread stepping the Scheduler; arrivals, switches and cancellations by step and "
                              "blocks received (closed loop: both modes run the same work)"},

@@ -2,15 +2,30 @@
 
     seconds = median_seconds(fn, device)       # median of CUDA events / perf_counter
     ms = do_bench_ms(fn)                       # CUDA: triton do_bench median, L2 cleared
+    with torch_threads(1): ...                 # one thread inside, the caller's count after
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the body with ``count`` torch threads (None: leave it), restoring the
+    caller's count afterwards, also on errors."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def synchronize(device: torch.device | str) -> None:
