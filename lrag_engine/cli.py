@@ -341,6 +341,12 @@ def _add_serve(sub) -> None:
                    help="finished blocks a stream may hold for a slow client before it pauses")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="0: one engine in this process; N >= 1: N Ray Serve replicas, one engine each (one GPU each "
+                        "with --device cuda), streams pinned to the replica that holds them (pip install -e "
+                        "'.[ray]')")
+    p.add_argument("--ray-address", help="Ray cluster to join with --replicas (default: RAY_ADDRESS, a running "
+                                         "local cluster, else a new local Ray instance)")
     p.set_defaults(func=cmd_serve, text=None)
 
 
@@ -360,6 +366,8 @@ def cmd_serve(args) -> int:
     memory = MemoryConfig(window=args.window, sink=args.sink, top_k=args.top_k, recency_guard=args.recency_guard,
                           frames_per_block=args.frames_per_block, max_history_frames=args.max_history_frames)
     runtime = RuntimeConfig(device=args.device, dtype=dtype, kernels=args.kernels, attention_backend=args.attention)
+    if args.replicas:
+        return _serve_ray(args, memory, runtime)
     engine, weights = _build_engine(args, memory, runtime)
     ae = AsyncEngine(engine, max_streams=args.max_streams, max_batch=args.max_batch, max_waiting=args.max_waiting,
                      queue_blocks=args.queue_blocks)
@@ -371,6 +379,29 @@ def cmd_serve(args) -> int:
               "what a trained model draws")
     print(f"WebSocket ws://{args.host}:{args.port}/v1/stream; HTTP /health, /metrics, POST /v1/generate", flush=True)
     uvicorn.run(create_app(ae), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_ray(args, memory: MemoryConfig, runtime: RuntimeConfig) -> int:
+    """``serve --replicas N``: the same server in N Ray Serve replicas."""
+    if args.replicas < 0:
+        raise ValueError(f"--replicas must be >= 0, got {args.replicas}")
+    if args.port == 0:
+        raise ValueError("--port 0 cannot be used with --replicas: Ray Serve needs a fixed port")
+    try:
+        from .serving import ray_app
+    except ImportError as exc:
+        raise OSError(f'serve --replicas needs Ray Serve: pip install -e ".[ray]" ({exc})') from None
+    spec = ray_app.EngineSpec(preset=args.preset, model_dir=args.model_dir, checkpoint=args.checkpoint,
+                              checkpoint_key=args.checkpoint_key, lora=args.lora, lora_alpha=args.lora_alpha,
+                              encoder=args.encoder, height=args.height, width=args.width, memory=memory,
+                              runtime=runtime, random_pipeline=args.model_dir is None, seed=args.seed)
+    app = ray_app.build_app(spec, replicas=args.replicas, max_streams=args.max_streams, max_batch=args.max_batch,
+                            queue_blocks=args.queue_blocks, max_waiting=args.max_waiting)
+    where = "one GPU each" if spec.device_type == "cuda" else "on the CPU"
+    print(f"lrag-engine serve: {args.replicas} Ray Serve replica(s), {where}; "
+          f"WebSocket ws://{args.host}:{args.port}/v1/stream", flush=True)
+    ray_app.run(app, host=args.host, port=args.port, address=args.ray_address, blocking=True)
     return 0
 
 

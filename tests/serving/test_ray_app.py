@@ -211,3 +211,27 @@ def test_build_app_refuses_bad_arguments():
     with pytest.raises(TypeError, match="engine_factory"):
         build_app("tiny")
     assert EngineSpec(runtime=RuntimeConfig(device="cpu")).device_type == "cpu"
+
+
+def test_cli_serve_replicas_builds_the_ray_app(monkeypatch, capsys):
+    """`lrag-engine serve --replicas N` hands Ray Serve an EngineSpec built from the same
+    options as the one-process server (run is replaced: no cluster starts here)."""
+    from lrag_engine import cli
+    from lrag_engine.serving import ray_app
+
+    seen = {}
+    monkeypatch.setattr(ray_app, "build_app", lambda spec, **kw: seen.update(spec=spec, **kw) or "app")
+    monkeypatch.setattr(ray_app, "run", lambda app, **kw: seen.update(app=app, run=kw))
+    assert cli.main(["serve", "--replicas", "2", "--port", "8123", "--top-k", "2", "--window", "6",
+                     "--recency-guard", "1", "--frames-per-block", "1", "--max-history-frames", "8",
+                     "--max-batch", "3", "--device", "cpu", "--seed", "4"]) == 0
+    spec = seen["spec"]
+    assert seen["replicas"] == 2 and seen["max_batch"] == 3 and seen["app"] == "app"
+    assert seen["run"] == {"host": "127.0.0.1", "port": 8123, "address": None, "blocking": True}
+    assert spec.memory.top_k == 2 and spec.memory.max_history_frames == 8 and spec.seed == 4
+    assert spec.random_pipeline and spec.model_dir is None and spec.runtime.device == "cpu"
+    engine = spec()                  # what each replica builds
+    assert engine.memory.window == 6 and engine.text_encoder is not None
+    assert "2 Ray Serve replica(s)" in capsys.readouterr().out
+    assert cli.main(["serve", "--replicas", "1", "--port", "0"]) == 2
+    assert "--port 0" in capsys.readouterr().err
