@@ -36,14 +36,20 @@ REPO = Path(__file__).resolve().parents[1]
 # (B, N, D, k, keys shared by the batch), bf16
 SEARCH_CASES = [(1, 4096, 1024, 6, False), (8, 4096, 1024, 6, False), (8, 100_000, 1024, 6, False),
                 (8, 100_000, 1024, 6, True)]
-# Wan 1.3B: 30 layers, 1560 tokens per frame, 12 heads x 128; K=6 retrieved + window 12.
-SPLICE_CASE = dict(layers=30, batch=1, frames=6 + 12, grid=(30, 52), heads=12, head_dim=128)
+# What the engine splices per block at the PERF.md reference workload (Wan 1.3B: 30
+# layers, 1560 tokens per frame, 12 heads x 128; window 12, sink 1, K = 6): the context
+# [sink | 6 retrieved | 5 local] of every layer, window frames from the window pool and
+# retrieved frames from the history's chunked pool (256 MiB chunks), in one launch; the
+# history stored as is (bf16) or as FP8 codes with per page-and-head scales.
+SPLICE_CASES = [dict(layers=30, batch=1, grid=(30, 52), heads=12, head_dim=128, window=12, sink=1, top_k=6,
+                     chunk_bytes=256 * 2 ** 20, history_dtype=h) for h in (None, "fp8_e4m3")]
 # One layer-forward of Wan 1.3B: a block of 3 frames x 1560 tokens, 12 heads x 128, a
 # window of 12 frames; the recache pass also stores the window (raw=True).
 ROPE_STORE_CASES = [dict(batch=1, frames=3, grid=(30, 52), heads=12, head_dim=128, window=12, raw=False),
                     dict(batch=1, frames=3, grid=(30, 52), heads=12, head_dim=128, window=12, raw=True)]
 TINY_SEARCH_CASES = [(2, 130, 40, 5, False), (3, 33, 24, 3, True)]
-TINY_SPLICE_CASE = dict(layers=2, batch=1, frames=6 + 2, grid=(3, 5), heads=3, head_dim=12)
+TINY_SPLICE_CASES = [dict(layers=2, batch=2, grid=(3, 5), heads=3, head_dim=12, window=5, sink=1, top_k=2,
+                          chunk_bytes=3 * 15 * 3 * 12 * 4, history_dtype=h) for h in (None, "fp8_e4m3")]
 TINY_ROPE_STORE_CASES = [dict(batch=2, frames=2, grid=(3, 5), heads=3, head_dim=12, window=5, raw=True)]
 
 
@@ -70,24 +76,33 @@ def torch_search(query, keys, k, num_eligible):
     return torch.topk(scores, k, dim=1)
 
 
-def torch_splice(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, retrieved=6):
-    """The PyTorch way: per layer, index_select the retrieved and the window pages,
-    cat them into one context, rotate K."""
+def torch_splice(window_k, window_v, history_k, history_v, scales, page_ids, source, positions, tables, out_k,
+                 out_v):
+    """The PyTorch way: per layer, index_select the window and the history pages (decoding
+    FP8 ones), cat them in context order, rotate K."""
+    from lrag_engine.ops.quant import dequantize_fp8
     from lrag_engine.ops.rope import apply_rope_ref
     num_layers, batch, frames = page_ids.shape
-    n, heads, head_dim = pool_k.shape[1:]
+    n, heads, head_dim = window_k.shape[1:]
     cos, sin = tables.frame_cos_sin(positions)  # [Fc, N, D/2]
     cos, sin = cos.reshape(frames * n, -1), sin.reshape(frames * n, -1)
+    from_window = source == 0
+    win_at, hist_at = from_window.nonzero().squeeze(1), (~from_window).nonzero().squeeze(1)
 
-    def gather(pool, ids):
-        return pool.index_select(0, ids.reshape(-1)).reshape(batch, -1, heads, head_dim)
+    def gather(pool, ids, scale=None):
+        pages = pool.index_select(0, ids.reshape(-1))
+        if scale is not None:
+            pages = dequantize_fp8(pages, scale.index_select(0, ids.reshape(-1)), out_k.dtype)
+        return pages.reshape(batch, -1, n, heads, head_dim)
 
     for layer in range(num_layers):
         ids = page_ids[layer]
-        parts = (ids[:, :retrieved], ids[:, retrieved:])
-        k = torch.cat([gather(pool_k, part) for part in parts], dim=1)
-        v = torch.cat([gather(pool_v, part) for part in parts], dim=1)
-        out_k[layer, :, : frames * n] = apply_rope_ref(k, cos, sin)
+        win_ids, hist_ids = ids[:, win_at], ids[:, hist_at]
+        k = torch.cat([gather(window_k, win_ids), gather(history_k, hist_ids, scales[0])], dim=1)
+        v = torch.cat([gather(window_v, win_ids), gather(history_v, hist_ids, scales[1])], dim=1)
+        order = torch.cat([win_at, hist_at]).argsort()
+        k, v = k[:, order].flatten(1, 2), v[:, order].flatten(1, 2)
+        out_k[layer, :, : frames * n] = apply_rope_ref(k, cos, sin).to(out_k.dtype)
         out_v[layer, :, : frames * n] = v
 
 
@@ -116,34 +131,85 @@ def bench_search(case: tuple, device: torch.device, copy_gbps: float) -> dict:
 
 
 def bench_splice(c: dict, device: torch.device, copy_gbps: float) -> dict:
+    """One block's context splice as the engine runs it (one launch over the window and
+    history pools) against the two launches of one source each, and the PyTorch way."""
+    from lrag_engine.ops.quant import quantize_fp8
     from lrag_engine.ops.rope import RopeTables
-    from lrag_engine.ops.splice import splice, splice_ref
+    from lrag_engine.ops.splice import PageSource, splice, splice_sources
     n = c["grid"][0] * c["grid"][1]
-    pages = c["layers"] * c["batch"] * c["frames"]
+    layers, batch, heads, head_dim = c["layers"], c["batch"], c["heads"], c["head_dim"]
+    local = c["window"] - c["sink"] - c["top_k"]
+    frames = c["sink"] + c["top_k"] + local
+    fp8 = c["history_dtype"] == "fp8_e4m3"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
-    tables = RopeTables.build(c["head_dim"], *c["grid"], device=device)
-    shape = (pages, n, c["heads"], c["head_dim"])
-    pool_k = torch.randn(shape, device=device, generator=gen).to(dtype)
-    pool_v = torch.randn(shape, device=device, generator=gen).to(dtype)
-    page_ids = torch.randperm(pages, device=device, generator=gen).reshape(c["layers"], c["batch"], c["frames"])
-    positions = torch.cat([torch.zeros(6, dtype=torch.int64), torch.arange(c["frames"] - 6)]).to(device)
-    out_shape = (c["layers"], c["batch"], c["frames"] * n, c["heads"], c["head_dim"])
+    tables = RopeTables.build(head_dim, *c["grid"], device=device)
+    page = (n, heads, head_dim)
+    window_pages = layers * batch * c["window"]
+    window_k = torch.randn(window_pages, *page, device=device, generator=gen).to(dtype)
+    window_v = torch.randn(window_pages, *page, device=device, generator=gen).to(dtype)
+    # A history of one page per context frame (of which the retrieved ones are read), in
+    # chunks of chunk_bytes.
+    history_pages = layers * batch * frames
+    page_bytes = n * heads * head_dim * (1 if fp8 else torch.finfo(dtype).bits // 8)
+    chunk_pages = max(1, c["chunk_bytes"] // page_bytes)
+    history_k = torch.randn(history_pages, *page, device=device, generator=gen).to(dtype)
+    history_v = torch.randn(history_pages, *page, device=device, generator=gen).to(dtype)
+    scales = (None, None)
+    if fp8:
+        (history_k, scale_k), (history_v, scale_v) = quantize_fp8(history_k), quantize_fp8(history_v)
+        scales = (scale_k, scale_v)
+    k_chunks, v_chunks = (list(t.split(chunk_pages)) for t in (history_k, history_v))
+    scale_chunks = [None if s is None else list(s.split(chunk_pages)) for s in scales]
+    window = PageSource(window_k, window_v)
+    history = PageSource(k_chunks, v_chunks, chunk_pages, *scale_chunks)
+    # [sink | retrieved | local], as RetrievalCache._splice_context builds it
+    source = torch.tensor([0] * c["sink"] + [1] * c["top_k"] + [0] * local, device=device)
+    win_ids = torch.randperm(window_pages, device=device, generator=gen)[:layers * batch * frames]
+    hist_ids = torch.randperm(history_pages, device=device, generator=gen)[:layers * batch * frames]
+    page_ids = torch.where(source == 0, win_ids.view(layers, batch, frames), hist_ids.view(layers, batch, frames))
+    positions = torch.cat([torch.arange(c["sink"]), torch.zeros(c["top_k"], dtype=torch.int64),
+                           torch.arange(c["window"] - local, c["window"])]).to(device)
+    out_shape = (layers, batch, frames * n, heads, head_dim)
     outs = [torch.empty(out_shape, device=device, dtype=dtype) for _ in range(4)]
-    splice(pool_k, pool_v, page_ids, positions, tables, outs[0], outs[1], mode="triton")
-    splice_ref(pool_k, pool_v, page_ids, positions, tables, outs[2], outs[3])
+    args = (page_ids, source, positions, tables)
+    splice_sources([window, history], *args, outs[0], outs[1], mode="triton")
+    splice_sources([window, history], *args, outs[2], outs[3], mode="reference")
     max_err = (outs[0].float() - outs[2].float()).abs().max().item()
     v_exact = bool(torch.equal(outs[1], outs[3]))
-    nbytes = 4 * pages * n * c["heads"] * c["head_dim"] * outs[0].element_size()  # K and V, read and written once
+    torch_splice(window_k, window_v, history_k, history_v, scales, page_ids, source, positions, tables, outs[0],
+                 outs[1])
+    torch_err = max((outs[i].float() - outs[i + 2].float()).abs().max().item() for i in (0, 1))
+    minus = torch.full_like(page_ids, -1)
+    by_source = [torch.where(source == s, page_ids, minus) for s in (0, 1)]
+
+    def two_launches():
+        splice(window_k, window_v, by_source[0], positions, tables, outs[0], outs[1], mode="triton")
+        splice(k_chunks, v_chunks, by_source[1], positions, tables, outs[0], outs[1], mode="triton",
+               chunk_pages=chunk_pages, scale_k=scale_chunks[0], scale_v=scale_chunks[1])
+
+    element = outs[0].element_size()
+    window_frames = layers * batch * (frames - c["top_k"])
+    history_frames = layers * batch * c["top_k"]
+    history_element = 1 if fp8 else element
+    # K and V: read once (history pages in their stored width, plus FP8 scales), written once
+    nbytes = 2 * n * heads * head_dim * (window_frames * 2 * element
+                                         + history_frames * (history_element + element))
+    nbytes += 2 * history_frames * heads * 4 if fp8 else 0
     times = {
-        "triton": bench_ms(
-            lambda: splice(pool_k, pool_v, page_ids, positions, tables, outs[0], outs[1], mode="triton"), device),
-        "torch": bench_ms(
-            lambda: torch_splice(pool_k, pool_v, page_ids, positions, tables, outs[2], outs[3]), device),
+        "triton": bench_ms(lambda: splice_sources([window, history], *args, outs[0], outs[1], mode="triton"),
+                           device),
+        "triton_two_launches": bench_ms(two_launches, device),
+        "torch": bench_ms(lambda: torch_splice(window_k, window_v, history_k, history_v, scales, page_ids, source,
+                                               positions, tables, outs[2], outs[3]), device),
     }
     return dict(
-        op="splice", shape=dict(L=c["layers"], B=c["batch"], Fc=c["frames"], N=n, H=c["heads"], D=c["head_dim"]),
-        dtype=str(dtype).split(".")[-1], bytes=nbytes, k_max_abs_err_vs_reference=max_err, v_bit_exact=v_exact,
+        op="splice", shape=dict(L=layers, B=batch, Fc=frames, window=frames - c["top_k"], retrieved=c["top_k"],
+                                N=n, H=heads, D=head_dim, history=c["history_dtype"] or "as is"),
+        dtype=str(dtype).split(".")[-1], bytes=nbytes, k_max_abs_err_vs_reference=max_err,
+        torch_way_max_abs_err_vs_reference=torch_err,
+        # the interpreter rounds float32 -> bfloat16 toward zero: decoded FP8 V is not comparable bit for bit
+        v_bit_exact=v_exact if not fp8 or dtype != torch.bfloat16 or device.type == "cuda" else None,
         ms=times, **_rates(nbytes, times, copy_gbps))
 
 
@@ -214,7 +280,7 @@ def run_cases(device: torch.device, tiny: bool, out: Path) -> dict:
     copy_gbps = copy["d2d_bytes_per_s"] / 1e9
     cases = ([(bench_rope_store, c) for c in (TINY_ROPE_STORE_CASES if tiny else ROPE_STORE_CASES)]
              + [(bench_search, c) for c in (TINY_SEARCH_CASES if tiny else SEARCH_CASES)]
-             + [(bench_splice, TINY_SPLICE_CASE if tiny else SPLICE_CASE)])
+             + [(bench_splice, c) for c in (TINY_SPLICE_CASES if tiny else SPLICE_CASES)])
     report = dict(benchmark="kernels", kind="code-path check (CPU interpreter)" if tiny else "GPU measurement",
                   environment=env, copy_bandwidth=copy, cases=[])
     partial = out.with_suffix(".partial.json")

@@ -33,7 +33,7 @@ from ..attention.backend import AttendFn
 from ..attention.context import BlockAttention, ContextBuffer, block_rope
 from ..config import MemoryConfig
 from ..ops.rope import RopeTables, apply_rope_ref
-from ..ops.splice import splice
+from ..ops.splice import PageSource, splice_sources
 from ..runtime.transfer import index_tensor
 from .budget import HistoryBudget
 from .history import HistoryStore, PagePool
@@ -366,17 +366,18 @@ class RetrievalCache:
         return (layout.sinks, layout.retrieved, layout.local, layout.block_positions)
 
     def commit_block(self) -> Callable[[], BlockLog]:
-        """Second half of :meth:`begin_block`: splice the retrieved frames, move evicted
-        frames into the history, splice the window into the bound workspace's context."""
+        """Second half of :meth:`begin_block`: splice the context (sinks, retrieved and
+        local frames of every layer, one launch) into the bound workspace, then move
+        evicted frames into the history."""
         if self._plan is None:
             raise RuntimeError("commit_block: no block is planned (call plan_block first)")
         if self.closed:
             raise RuntimeError("commit_block: this retrieval attention is closed")
         result, log, placement, layout = self._plan
         self._plan = None
-        # Retrieved pages are spliced before this block's evictions enter the history, so
-        # an append that spills pages can never move them under the splice.
-        self._splice_retrieved(layout, result)
+        # The context is spliced before this block's evictions enter the history, so an
+        # append that spills pages can never move retrieved pages under the splice.
+        self._splice_context(layout, result)
         # Native mode (top_k = 0) never reads the history: evicted frames are dropped.
         if placement.evicted and self.memory.top_k > 0:
             slots = [f.slot for f in placement.evicted]
@@ -385,7 +386,7 @@ class RetrievalCache:
             self.history.append_window(self.window.k, self.window.v, slots, desc)
         self.window.commit(placement)
         self._placement = placement
-        self._splice_window(layout, placement)
+        self._place_block(layout, placement)
         self.block_index += 1
         self._epoch += 1
         self._switched = False
@@ -430,11 +431,14 @@ class RetrievalCache:
         block_positions = tuple(position[f.frame] for f in placement.block)
         return _Layout(len(sinks), retrieved, len(local), slots, positions, block_positions)
 
-    def _splice_retrieved(self, layout: _Layout, result: RetrievalResult) -> None:
+    def _splice_context(self, layout: _Layout, result: RetrievalResult) -> None:
+        """One launch for the whole context but the block: sinks and local frames from the
+        window pool, retrieved frames from the history pool, every layer (the ids and the
+        per-frame source table on the device). It runs before this block's evictions
+        enter the history, so an append that spills pages can never move them under it."""
         self._refetch = None
-        if not layout.retrieved:
-            return
-        if self.refetch_per_forward:
+        retrieved = layout.retrieved
+        if retrieved and self.refetch_per_forward:
             # The baseline reads the retrieved pages again in every forward, frame by frame
             # and layer by layer, like the public reference; it learns their places once
             # per block (a host read, as the reference's Python does).
@@ -446,19 +450,26 @@ class RetrievalCache:
             self._refetch = [[[(frame_offset, *divmod(a, pool.chunk_pages)) for frame_offset, a in
                                enumerate(row, start=layout.sinks) if a >= 0] for row in per_layer]
                              for per_layer in addresses]
+            retrieved = 0
+        if not (layout.sinks + layout.local + retrieved):
             return
-        zeros = torch.zeros(layout.retrieved, dtype=torch.int64, device=self.device)
-        pool = self.history.pool
-        splice(pool.k_chunks, pool.v_chunks, result.pages, zeros, self.tables, self.context.k, self.context.v,
-               frame_offset=layout.sinks, mode=self.kernels, chunk_pages=pool.chunk_pages, **pool.scales)
+        pool_k, pool_v = self.window.page_pools()
+        sources = [PageSource(pool_k, pool_v)]
+        ids = self.window.page_ids(layout.slots)        # [L, B, Fc], -1 at the retrieved frames
+        source = None
+        if retrieved:
+            pool = self.history.pool
+            sources.append(PageSource(pool.k_chunks, pool.v_chunks, pool.chunk_pages, **pool.scales))
+            head, tail = ids[..., :layout.sinks], ids[..., layout.sinks + retrieved:]
+            ids = torch.cat([head, result.pages.to(ids.dtype), tail], dim=2)
+            source = index_tensor([0 if slot >= 0 else 1 for slot in layout.slots], self.device)
+        splice_sources(sources, ids, source, index_tensor(layout.positions, self.device), self.tables,
+                       self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
 
-    def _splice_window(self, layout: _Layout, placement: BlockPlacement) -> None:
+    def _place_block(self, layout: _Layout, placement: BlockPlacement) -> None:
+        """The block's context length, signature, window slots and RoPE tables."""
         self._context_frames = layout.sinks + layout.retrieved + layout.local + len(placement.block)
         self.signature = (layout.sinks, layout.retrieved, layout.local, layout.block_positions)
-        if layout.sinks + layout.local:
-            pool_k, pool_v = self.window.page_pools()
-            splice(pool_k, pool_v, self.window.page_ids(layout.slots), index_tensor(layout.positions, self.device),
-                   self.tables, self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
         slots = index_tensor([f.slot for f in placement.block], self.device)
         if len(placement.block) == self._full_slots.shape[0]:
             # A full block: the persistent buffer (what static forwards were built around).
@@ -600,9 +611,9 @@ class RetrievalCache:
         # recomputed frames, which the forward writes at the tail as it goes.
         if kept:
             pool_k, pool_v = self.window.page_pools()
-            splice(pool_k, pool_v, self.window.page_ids([f.slot for f in kept]),
-                   index_tensor([position[f.frame] for f in kept], self.device), self.tables,
-                   self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
+            splice_sources([PageSource(pool_k, pool_v)], self.window.page_ids([f.slot for f in kept]), None,
+                           index_tensor([position[f.frame] for f in kept], self.device), self.tables,
+                           self.context.k, self.context.v, frame_offset=0, mode=self.kernels)
         slots = index_tensor([f.slot for f in redo], self.device)
         cos, sin = self.workspace.rope(self.tables, tuple(position[f.frame] for f in redo))
         clean = self.window.latents.index_select(1, slots)

@@ -32,6 +32,17 @@ writes K and V in the outputs' (compute) dtype.
 
 RoPE angle of pair ``c`` (of ``D/2``) of token ``t``: ``cos_t[pos, c]`` for
 ``c < d_t/2``, else ``cos_hw[t, c - d_t/2]`` (see ``lrag_engine.ops.rope``).
+
+:func:`splice_sources` reads up to two pools (:class:`PageSource`) in one launch: a
+per-frame source table ``source [Fc]`` on the device says which pool each context
+frame's page comes from, so the engine splices a block's sinks and local frames (the
+window pool) and its retrieved frames (the history pool) for every layer at once.
+:func:`splice` is its one-pool form.
+
+The kernel sees a page as ``N x H`` rows of ``D`` values (row ``t * H + h``): a
+program takes a tile of whole rows, so lanes are masked only in a page's last tile
+(and past ``D/2`` pairs when ``D/2`` is not a power of two), whatever the head
+count; K and V rows are loaded together before either is used.
 """
 from __future__ import annotations
 
@@ -47,8 +58,9 @@ from lrag_engine.runtime.transfer import index_tensor
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Pools may also hold float8_e4m3fn codes with per-page, per-head float32 scales.
-# Elements of one tensor per program: 16 KB of a 16-bit dtype gives each of 128 threads
-# several 16-byte accesses per tensor, while the float32 rotation still fits in registers.
+# Elements of one tensor per program (a tile of page rows): 16 KB of a 16-bit dtype gives
+# each of 128 threads several 16-byte accesses per tensor, while the float32 rotation
+# still fits in registers.
 TILE_ELEMENTS = 8192
 # Most elements of one page tensor the reference gathers and rotates at once.
 _REF_BATCH_ELEMENTS = 1 << 24
@@ -61,93 +73,117 @@ _dummy_bases: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 if HAS_TRITON:
     @triton.jit
+    def _load_page_rows(pk_ptr, pv_ptr, off_ptr, sk_ptr, sv_ptr, soff_ptr, page, chunk_pages, n_chunks,
+                        stride_kp, stride_kn, stride_kh, stride_kd, stride_vp, stride_vn, stride_vh, stride_vd,
+                        stride_sp, o_n, o_h, o_d, m_r, m_x,
+                        CHUNKED: tl.constexpr, OFF_ALIGN: tl.constexpr, FP8: tl.constexpr):
+        """Rows ``(o_n, o_h)`` of one page of one source: K in float32 and V (float32 when
+        decoded from FP8, else the pool's dtype), both loads issued before either is used."""
+        if CHUNKED:
+            # Page -> (chunk, row); the chunk's element offset from the base pointers, K
+            # offsets first, then V offsets. OFF_ALIGN (checked on the host) keeps the
+            # loads vectorised though the offsets are only known at run time.
+            chunk = page // chunk_pages
+            row_p = page - chunk * chunk_pages
+            base_k = pk_ptr + tl.multiple_of(tl.load(off_ptr + chunk), OFF_ALIGN)
+            base_v = pv_ptr + tl.multiple_of(tl.load(off_ptr + n_chunks + chunk), OFF_ALIGN)
+            if FP8:
+                base_sk = sk_ptr + tl.load(soff_ptr + chunk)
+                base_sv = sv_ptr + tl.load(soff_ptr + n_chunks + chunk)
+            else:
+                base_sk = sk_ptr
+                base_sv = sv_ptr
+        else:
+            row_p = page
+            base_k = pk_ptr
+            base_v = pv_ptr
+            base_sk = sk_ptr
+            base_sv = sv_ptr
+        p_k = (base_k + row_p * stride_kp + (o_n * stride_kn + o_h * stride_kh)[:, None]
+               + o_d[None, :] * stride_kd)
+        p_v = (base_v + row_p * stride_vp + (o_n * stride_vn + o_h * stride_vh)[:, None]
+               + o_d[None, :] * stride_vd)
+        b_k = tl.load(p_k, mask=m_x, other=0.0)
+        b_v = tl.load(p_v, mask=m_x, other=0.0)
+        b_k = b_k.to(tl.float32)
+        if FP8:
+            # e4m3 codes times the page's per-head scale, one per row
+            b_sk = tl.load(base_sk + row_p * stride_sp + o_h, mask=m_r, other=1.0)
+            b_sv = tl.load(base_sv + row_p * stride_sp + o_h, mask=m_r, other=1.0)
+            b_k = b_k * b_sk[:, None]
+            b_v = b_v.to(tl.float32) * b_sv[:, None]
+        return b_k, b_v
+
+    @triton.jit
     def _splice_kernel(
-        pk_ptr, pv_ptr, off_ptr, ids_ptr, pos_ptr, cos_t_ptr, sin_t_ptr, cos_hw_ptr, sin_hw_ptr, ok_ptr, ov_ptr,
-        sk_ptr, sv_ptr, soff_ptr,
-        B, FC, N, H, frame_offset, chunk_pages, n_chunks,
-        stride_pkp, stride_pkn, stride_pkh, stride_pkd,
-        stride_pvp, stride_pvn, stride_pvh, stride_pvd,
-        stride_il, stride_ib, stride_ij, stride_posb, stride_posj, stride_ct, stride_chw,
+        ids_ptr, src_ptr, pos_ptr, cos_t_ptr, sin_t_ptr, cos_hw_ptr, sin_hw_ptr, ok_ptr, ov_ptr,
+        B, FC, N, H, frame_offset,
+        stride_il, stride_ib, stride_ij, stride_src, stride_posb, stride_posj, stride_ct, stride_chw,
         stride_okl, stride_okb, stride_okn, stride_okh, stride_okd,
         stride_ovl, stride_ovb, stride_ovn, stride_ovh, stride_ovd,
-        stride_skp, stride_svp,
-        CHUNKED: tl.constexpr, OFF_ALIGN: tl.constexpr, FP8: tl.constexpr,
-        DT2: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD2: tl.constexpr,
+        # source 0
+        a_pk, a_pv, a_off, a_sk, a_sv, a_soff, a_chunk_pages, a_chunks,
+        a_kp, a_kn, a_kh, a_kd, a_vp, a_vn, a_vh, a_vd, a_sp,
+        # source 1 (read only when TWO_SOURCES)
+        b_pk, b_pv, b_off, b_sk, b_sv, b_soff, b_chunk_pages, b_chunks,
+        b_kp, b_kn, b_kh, b_kd, b_vp, b_vn, b_vh, b_vd, b_sp,
+        A_CHUNKED: tl.constexpr, A_ALIGN: tl.constexpr, A_FP8: tl.constexpr,
+        B_CHUNKED: tl.constexpr, B_ALIGN: tl.constexpr, B_FP8: tl.constexpr, TWO_SOURCES: tl.constexpr,
+        DT2: tl.constexpr, D2: tl.constexpr, BR: tl.constexpr, BD2: tl.constexpr,
     ):
+        # One program: BR rows of one page, a row being one (token, head) pair of D values,
+        # so that no lane is masked but in the page's last tile.
         i_f = tl.program_id(0).to(tl.int64)
-        i_t = tl.program_id(1).to(tl.int64)
+        i_r = tl.program_id(1).to(tl.int64)
         i_l = i_f // (B * FC)
         i_b = (i_f // FC) % B
         i_j = i_f % FC
         page = tl.load(ids_ptr + i_l * stride_il + i_b * stride_ib + i_j * stride_ij).to(tl.int64)
         if page >= 0:
-            if CHUNKED:
-                # Page -> (chunk, row); the chunk's element offset from the base pointers,
-                # K offsets first, then V offsets. OFF_ALIGN (checked on the host) keeps the
-                # loads vectorised though the offsets are only known at run time.
-                chunk = page // chunk_pages
-                row_p = page - chunk * chunk_pages
-                base_k = pk_ptr + tl.multiple_of(tl.load(off_ptr + chunk), OFF_ALIGN)
-                base_v = pv_ptr + tl.multiple_of(tl.load(off_ptr + n_chunks + chunk), OFF_ALIGN)
-                if FP8:
-                    base_sk = sk_ptr + tl.load(soff_ptr + chunk)
-                    base_sv = sv_ptr + tl.load(soff_ptr + n_chunks + chunk)
-                else:
-                    base_sk = sk_ptr
-                    base_sv = sv_ptr
-            else:
-                row_p = page
-                base_k = pk_ptr
-                base_v = pv_ptr
-                base_sk = sk_ptr
-                base_sv = sv_ptr
-            pos = tl.load(pos_ptr + i_b * stride_posb + i_j * stride_posj).to(tl.int64)
-            o_t = i_t * BT + tl.arange(0, BT)
-            o_h = tl.arange(0, BH)
+            o_r = i_r * BR + tl.arange(0, BR)
+            m_r = o_r < N * H
+            o_n = o_r // H
+            o_h = o_r - o_n * H
             o_d = tl.arange(0, 2 * BD2)
             o_c = tl.arange(0, BD2)
-            m_t = o_t < N
-            m_x = m_t[:, None, None] & (o_h < H)[None, :, None] & (o_d < 2 * D2)[None, None, :]
-            row = (frame_offset + i_j) * N + o_t
+            m_x = m_r[:, None] & (o_d < 2 * D2)[None, :]
+            pos = tl.load(pos_ptr + i_b * stride_posb + i_j * stride_posj).to(tl.int64)
+            if TWO_SOURCES:
+                source = tl.load(src_ptr + i_j * stride_src)
+            else:
+                source = 0
+            if source == 0:
+                b_k, b_v = _load_page_rows(
+                    a_pk, a_pv, a_off, a_sk, a_sv, a_soff, page, a_chunk_pages, a_chunks,
+                    a_kp, a_kn, a_kh, a_kd, a_vp, a_vn, a_vh, a_vd, a_sp, o_n, o_h, o_d, m_r, m_x,
+                    A_CHUNKED, A_ALIGN, A_FP8)
+                b_v = b_v.to(ov_ptr.dtype.element_ty)
+            else:
+                b_k, b_v = _load_page_rows(
+                    b_pk, b_pv, b_off, b_sk, b_sv, b_soff, page, b_chunk_pages, b_chunks,
+                    b_kp, b_kn, b_kh, b_kd, b_vp, b_vn, b_vh, b_vd, b_sp, o_n, o_h, o_d, m_r, m_x,
+                    B_CHUNKED, B_ALIGN, B_FP8)
+                b_v = b_v.to(ov_ptr.dtype.element_ty)
+            row = (frame_offset + i_j) * N + o_n
+            p_ov = (ov_ptr + i_l * stride_ovl + i_b * stride_ovb + (row * stride_ovn + o_h * stride_ovh)[:, None]
+                    + o_d[None, :] * stride_ovd)
+            tl.store(p_ov, b_v, mask=m_x)
 
-            p_pk = (base_k + row_p * stride_pkp + o_t[:, None, None] * stride_pkn
-                    + o_h[None, :, None] * stride_pkh + o_d[None, None, :] * stride_pkd)
-            # [BT, BH, 2*BD2]
-            b_k = tl.load(p_pk, mask=m_x, other=0.0).to(tl.float32)
-            if FP8:
-                # e4m3 codes times the page's per-head scale ([BH], float32)
-                b_sk = tl.load(base_sk + row_p * stride_skp + o_h, mask=o_h < H, other=1.0)
-                b_k = b_k * b_sk[None, :, None]
-            b_even, b_odd = tl.split(tl.reshape(b_k, [BT, BH, BD2, 2]))
-
+            b_even, b_odd = tl.split(tl.reshape(b_k, [BR, BD2, 2]))
             m_temporal = o_c < DT2
             m_spatial = (o_c >= DT2) & (o_c < D2)
             # [BD2]
             b_cos_t = tl.load(cos_t_ptr + pos * stride_ct + o_c, mask=m_temporal, other=0.0)
             b_sin_t = tl.load(sin_t_ptr + pos * stride_ct + o_c, mask=m_temporal, other=0.0)
-            p_hw = o_t[:, None] * stride_chw + (o_c - DT2)[None, :]
-            m_hw = m_t[:, None] & m_spatial[None, :]
-            # [BT, BD2]
+            p_hw = o_n[:, None] * stride_chw + (o_c - DT2)[None, :]
+            m_hw = m_r[:, None] & m_spatial[None, :]
+            # [BR, BD2]
             b_cos = tl.where(m_temporal[None, :], b_cos_t[None, :], tl.load(cos_hw_ptr + p_hw, mask=m_hw, other=0.0))
             b_sin = tl.where(m_temporal[None, :], b_sin_t[None, :], tl.load(sin_hw_ptr + p_hw, mask=m_hw, other=0.0))
-            b_cos = b_cos[:, None, :]
-            b_sin = b_sin[:, None, :]
-            b_rot = tl.join(b_even * b_cos - b_odd * b_sin, b_even * b_sin + b_odd * b_cos)
-            b_rot = tl.reshape(b_rot, [BT, BH, 2 * BD2])
-            p_ok = (ok_ptr + i_l * stride_okl + i_b * stride_okb + row[:, None, None] * stride_okn
-                    + o_h[None, :, None] * stride_okh + o_d[None, None, :] * stride_okd)
+            b_rot = tl.reshape(tl.join(b_even * b_cos - b_odd * b_sin, b_even * b_sin + b_odd * b_cos), [BR, 2 * BD2])
+            p_ok = (ok_ptr + i_l * stride_okl + i_b * stride_okb + (row * stride_okn + o_h * stride_okh)[:, None]
+                    + o_d[None, :] * stride_okd)
             tl.store(p_ok, b_rot.to(ok_ptr.dtype.element_ty), mask=m_x)
-
-            p_pv = (base_v + row_p * stride_pvp + o_t[:, None, None] * stride_pvn
-                    + o_h[None, :, None] * stride_pvh + o_d[None, None, :] * stride_pvd)
-            # [BT, BH, 2*BD2]
-            b_v = tl.load(p_pv, mask=m_x, other=0.0)
-            if FP8:
-                b_sv = tl.load(base_sv + row_p * stride_svp + o_h, mask=o_h < H, other=1.0)
-                b_v = (b_v.to(tl.float32) * b_sv[None, :, None]).to(ov_ptr.dtype.element_ty)
-            p_ov = (ov_ptr + i_l * stride_ovl + i_b * stride_ovb + row[:, None, None] * stride_ovn
-                    + o_h[None, :, None] * stride_ovh + o_d[None, None, :] * stride_ovd)
-            tl.store(p_ov, b_v, mask=m_x)
 
 
 # ---- pools: one tensor or a chunk list --------------------------------------------------
@@ -303,26 +339,79 @@ def _check_page_range(op: str, pools: _Pools, ids: torch.Tensor, lowest: int) ->
             raise ValueError(f"{op}: page id {p} is row {r} of chunk {c}, which holds {pools.rows[c]} pages")
 
 
-def _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
-                  chunk_pages, scale_k=None, scale_v=None) -> tuple[_Pools, torch.Tensor]:
-    """Validate; return the pools as chunk lists and ``positions`` as [B, Fc]."""
+@dataclass(frozen=True)
+class PageSource:
+    """One page pool that :func:`splice_sources` reads: the arguments ``pool_k``,
+    ``pool_v``, ``chunk_pages``, ``scale_k``, ``scale_v`` of :func:`splice`, as one value.
+
+    k, v: [P, N, H, D] tensors or paired lists of contiguous chunks [rows_i, N, H, D].
+    chunk_pages: pages per chunk (chunk lists only). scale_k, scale_v: per-page,
+    per-head float32 scales of a float8_e4m3fn pool (and only of one).
+    """
+
+    k: object
+    v: object
+    chunk_pages: int | None = None
+    scale_k: object = None
+    scale_v: object = None
+
+
+# Most page sources one launch reads.
+MAX_SOURCES = 2
+
+
+def _check_sources(sources, frames: int, source, device: torch.device) -> torch.Tensor | None:
+    """``sources`` (1..MAX_SOURCES PageSource) and ``source`` (None or int [Fc])."""
+    if not isinstance(sources, (list, tuple)) or not 1 <= len(sources) <= MAX_SOURCES \
+            or not all(isinstance(s, PageSource) for s in sources):
+        raise ValueError(f"splice: sources must be a list of 1..{MAX_SOURCES} PageSource, got {sources!r:.200}")
+    if source is None:
+        if len(sources) > 1:
+            raise ValueError(f"splice: {len(sources)} sources need a source index per frame (source=[Fc])")
+        return None
+    if not isinstance(source, torch.Tensor) or source.dtype not in (torch.int32, torch.int64) \
+            or tuple(source.shape) != (frames,):
+        got = f"{source.dtype} {tuple(source.shape)}" if isinstance(source, torch.Tensor) else type(source).__name__
+        raise ValueError(f"splice: source must be an int32/int64 [Fc={frames}] tensor, got {got}")
+    if source.device != device:
+        raise ValueError(f"splice: source is on {source.device}, out_k on {device}")
+    if device.type == "cpu" and source.numel() and (int(source.min()) < 0 or int(source.max()) >= len(sources)):
+        raise ValueError(f"splice: source entries must lie in [0, {len(sources)}), got "
+                         f"[{int(source.min())}, {int(source.max())}]")
+    return source
+
+
+def _source_ids(page_ids: torch.Tensor, source: torch.Tensor | None, s: int) -> torch.Tensor:
+    """``page_ids`` with the frames of sources other than ``s`` set to -1."""
+    if source is None:
+        return page_ids
+    return torch.where(source == s, page_ids, torch.full_like(page_ids, -1))
+
+
+def _check_inputs(sources, page_ids, source, positions, tables, out_k, out_v,
+                  frame_offset) -> tuple[list[_Pools], torch.Tensor, torch.Tensor | None]:
+    """Validate; return each source's pools as chunk lists, ``positions`` as [B, Fc] and
+    ``source`` (None for one source)."""
     if not isinstance(out_k, torch.Tensor) or not isinstance(out_v, torch.Tensor):
         raise ValueError("splice: out_k and out_v must be tensors")
     device = out_k.device
-    pools = _check_pools(pool_k, pool_v, chunk_pages, device, scale_k, scale_v)
-    if pools.k:
-        (n, h, d), dtype = pools.page_shape, pools.dtype
-        if pools.fp8:
-            # decoded into the outputs' dtype
-            dtype = out_k.dtype if out_k.dtype in _SUPPORTED_DTYPES else torch.float32
-    else:
-        # An empty chunk list (a pool before its first chunk): every id must be -1.
-        n, dtype = tables.tokens_per_frame, out_k.dtype
-        h, d = tuple(out_k.shape[3:5]) if out_k.dim() == 5 else (0, 0)
     if page_ids.dim() != 3 or page_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"splice: page_ids must be int32/int64 [L, B, Fc], got {page_ids.dtype} "
                          f"{tuple(page_ids.shape)}")
     num_layers, batch, frames = page_ids.shape
+    source = _check_sources(sources, frames, source, device)
+    all_pools = [_check_pools(s.k, s.v, s.chunk_pages, device, s.scale_k, s.scale_v) for s in sources]
+    stored = [p for p in all_pools if p.k]
+    if stored:
+        n, h, d = stored[0].page_shape
+        for i, p in enumerate(all_pools):
+            if p.k and p.page_shape != (n, h, d):
+                raise ValueError(f"splice: source {i} holds pages {tuple(p.page_shape)}, source 0 {(n, h, d)}: "
+                                 "every source must hold pages of one shape")
+    else:
+        # Empty chunk lists only (a pool before its first chunk): every id must be -1.
+        n = tables.tokens_per_frame
+        h, d = tuple(out_k.shape[3:5]) if out_k.dim() == 5 else (0, 0)
     if positions.dtype not in (torch.int32, torch.int64) or positions.shape not in ((batch, frames), (frames,)):
         raise ValueError(f"splice: positions must be int32/int64 [B={batch}, Fc={frames}] or [Fc], got "
                          f"{positions.dtype} {tuple(positions.shape)}")
@@ -333,9 +422,18 @@ def _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, fra
         if out.dim() != 5 or out.shape[:2] != (num_layers, batch) or out.shape[3:] != (h, d) or out.shape[2] < need:
             raise ValueError(f"splice: {name} must be [L={num_layers}, B={batch}, Lctx>={need}, H={h}, D={d}], "
                              f"got {tuple(out.shape)}")
-        if out.dtype != dtype:
-            what = "float32/bfloat16/float16 (FP8 pools decode into it)" if pools.fp8 else f"the pools' {dtype}"
-            raise ValueError(f"splice: {name} dtype {out.dtype} must be {what}")
+        for pools in stored or [None]:
+            if pools is None:
+                dtype = out_k.dtype
+            elif pools.fp8:
+                # decoded into the outputs' dtype
+                dtype = out_k.dtype if out_k.dtype in _SUPPORTED_DTYPES else torch.float32
+            else:
+                dtype = pools.dtype
+            if out.dtype != dtype:
+                what = ("float32/bfloat16/float16 (FP8 pools decode into it)" if pools is not None and pools.fp8
+                        else f"the pools' {dtype}")
+                raise ValueError(f"splice: {name} dtype {out.dtype} must be {what}")
     if tables.tokens_per_frame != n:
         raise ValueError(f"splice: RoPE tables are for {tables.tokens_per_frame} tokens per frame, pages hold {n}")
     if d % 2 or 2 * (tables.cos_t.shape[1] + tables.cos_hw.shape[1]) != d:
@@ -350,12 +448,14 @@ def _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, fra
         positions = positions.unsqueeze(0).expand(batch, -1)
     # Host-side range checks only where they cost no device sync; CUDA callers are trusted.
     if device.type == "cpu" and page_ids.numel():
-        _check_page_range("splice", pools, page_ids, -1)
+        for i, pools in enumerate(all_pools):
+            op = "splice" if len(all_pools) == 1 else f"splice (source {i})"
+            _check_page_range(op, pools, _source_ids(page_ids, source, i), -1)
         used = positions.unsqueeze(0).expand(num_layers, -1, -1)[page_ids >= 0]
         if used.numel() and (int(used.min()) < 0 or int(used.max()) >= tables.max_frames):
             raise ValueError(f"splice: positions must lie in [0, {tables.max_frames}), got "
                              f"[{int(used.min())}, {int(used.max())}]")
-    return pools, positions
+    return all_pools, positions, source
 
 
 # ---- gathering pages (reference and inspection) ----------------------------------------
@@ -452,6 +552,12 @@ def _splice_reference(pools: _Pools, page_ids, positions, tables, out_k, out_v, 
         out_v[l, b, rows] = v
 
 
+def _splice_sources_reference(all_pools: list[_Pools], page_ids, source, positions, tables, out_k, out_v,
+                              frame_offset) -> None:
+    for s, pools in enumerate(all_pools):
+        _splice_reference(pools, _source_ids(page_ids, source, s), positions, tables, out_k, out_v, frame_offset)
+
+
 def splice_ref(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, tables: RopeTables,
                out_k: torch.Tensor, out_v: torch.Tensor, frame_offset: int = 0,
                chunk_pages: int | None = None, scale_k=None, scale_v=None) -> None:
@@ -460,9 +566,8 @@ def splice_ref(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, 
     A test path: it syncs the host (it finds the used ids there) and, on CUDA, copies
     the pages it needs out of pinned host chunks.
     """
-    pools, positions = _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
-                                     chunk_pages, scale_k, scale_v)
-    _splice_reference(pools, page_ids, positions, tables, out_k, out_v, frame_offset)
+    splice_sources([PageSource(pool_k, pool_v, chunk_pages, scale_k, scale_v)], page_ids, None, positions, tables,
+                   out_k, out_v, frame_offset, mode="reference")
 
 
 # ---- kernel launch ----------------------------------------------------------------------
@@ -511,42 +616,88 @@ def _base_and_offsets(pools: _Pools, device: torch.device) -> tuple[torch.Tensor
     return bases[0], bases[1], *entry
 
 
-def _splice_triton(pools: _Pools, page_ids, positions, tables, out_k, out_v, frame_offset) -> None:
-    if page_ids.numel() == 0 or pools.end == 0 or pools.page_shape[0] == 0:
-        return
-    num_layers, batch, frames = page_ids.shape
+def _source_args(pools: _Pools, device: torch.device, dummy: torch.Tensor) -> tuple[tuple, tuple]:
+    """One source's kernel arguments: (runtime arguments, (CHUNKED, ALIGN, FP8))."""
+    if not pools.k:
+        # No pages: every id of this source is -1, so nothing of it is read.
+        return (dummy,) * 6 + (1, 0) + (0,) * 9, (False, 1, False)
     n, h, d = pools.page_shape
-    check_kernel_runnable(_splice_kernel, out_k, "splice")
     if pools.chunked:
-        base_k, base_v, offsets, align = _base_and_offsets(pools, out_k.device)
+        base_k, base_v, offsets, align = _base_and_offsets(pools, device)
         # Chunks are contiguous; strides from the shape (a one-row chunk may report any stride(0)).
-        page_strides = (n * h * d, h * d, d, 1)
-        stride_k = stride_v = page_strides
+        stride_k = stride_v = (n * h * d, h * d, d, 1)
     else:
-        base_k, base_v, offsets, align = pools.k[0], pools.v[0], page_ids, 1   # offsets unused
+        base_k, base_v, offsets, align = pools.k[0], pools.v[0], dummy, 1   # offsets unused
         stride_k, stride_v = pools.k[0].stride(), pools.v[0].stride()
     if pools.fp8 and pools.chunked:
         scales = _Pools(pools.scale_k, pools.scale_v, pools.chunk_pages, True)
-        base_sk, base_sv, scale_offsets, _ = _base_and_offsets(scales, out_k.device)
+        base_sk, base_sv, scale_offsets, _ = _base_and_offsets(scales, device)
     elif pools.fp8:
-        base_sk, base_sv, scale_offsets = pools.scale_k[0], pools.scale_v[0], page_ids   # offsets unused
+        base_sk, base_sv, scale_offsets = pools.scale_k[0], pools.scale_v[0], dummy   # offsets unused
     else:
-        base_sk = base_sv = scale_offsets = page_ids   # unused (FP8=False)
-    scale_strides = (h, h) if pools.fp8 else (0, 0)
-    block_h = next_power_of_2(h)
+        base_sk = base_sv = scale_offsets = dummy   # unused (FP8=False)
+    args = (base_k, base_v, offsets, base_sk, base_sv, scale_offsets, pools.chunk_pages, len(pools.k),
+            *stride_k, *stride_v, h if pools.fp8 else 0)
+    return args, (pools.chunked, align, pools.fp8)
+
+
+def _splice_triton(all_pools: list[_Pools], page_ids, source, positions, tables, out_k, out_v,
+                   frame_offset) -> None:
+    stored = [p for p in all_pools if p.end]
+    if page_ids.numel() == 0 or not stored or stored[0].page_shape[0] == 0:
+        return
+    num_layers, batch, frames = page_ids.shape
+    n, h, d = stored[0].page_shape
+    check_kernel_runnable(_splice_kernel, out_k, "splice")
+    device = out_k.device
+    first, first_flags = _source_args(all_pools[0], device, page_ids)
+    if len(all_pools) > 1:
+        second, second_flags = _source_args(all_pools[1], device, page_ids)
+    else:
+        second, second_flags = first, first_flags
+    two = len(all_pools) > 1
     block_d2 = next_power_of_2(d // 2)
-    block_t = max(1, min(next_power_of_2(n), TILE_ELEMENTS // (block_h * 2 * block_d2)))
-    grid = (num_layers * batch * frames, -(-n // block_t))
+    block_r = max(1, min(next_power_of_2(n * h), TILE_ELEMENTS // (2 * block_d2)))
+    grid = (num_layers * batch * frames, -(-(n * h) // block_r))
     _splice_kernel[grid](
-        base_k, base_v, offsets, page_ids, positions, tables.cos_t, tables.sin_t, tables.cos_hw, tables.sin_hw,
-        out_k, out_v, base_sk, base_sv, scale_offsets,
-        batch, frames, n, h, frame_offset, pools.chunk_pages, len(pools.k),
-        *stride_k, *stride_v, *page_ids.stride(), *positions.stride(),
-        tables.cos_t.stride(0), tables.cos_hw.stride(0), *out_k.stride(), *out_v.stride(), *scale_strides,
-        CHUNKED=pools.chunked, OFF_ALIGN=align, FP8=pools.fp8,
-        DT2=tables.cos_t.shape[1], D2=d // 2, BT=block_t, BH=block_h, BD2=block_d2,
+        page_ids, source if two else page_ids, positions,
+        tables.cos_t, tables.sin_t, tables.cos_hw, tables.sin_hw, out_k, out_v,
+        batch, frames, n, h, frame_offset,
+        *page_ids.stride(), source.stride(0) if two else 0, *positions.stride(),
+        tables.cos_t.stride(0), tables.cos_hw.stride(0), *out_k.stride(), *out_v.stride(),
+        *first, *second,
+        A_CHUNKED=first_flags[0], A_ALIGN=first_flags[1], A_FP8=first_flags[2],
+        B_CHUNKED=second_flags[0], B_ALIGN=second_flags[1], B_FP8=second_flags[2], TWO_SOURCES=two,
+        DT2=tables.cos_t.shape[1], D2=d // 2, BR=block_r, BD2=block_d2,
         num_warps=4,
     )
+
+
+def splice_sources(sources, page_ids: torch.Tensor, source: torch.Tensor | None, positions: torch.Tensor,
+                   tables: RopeTables, out_k: torch.Tensor, out_v: torch.Tensor, frame_offset: int = 0,
+                   mode: str = "auto") -> None:
+    """:func:`splice` over frames from up to two page sources, in one kernel launch.
+
+    Args:
+        sources: 1..``MAX_SOURCES`` :class:`PageSource`; each as ``splice``'s pools (a
+            plain or chunked pool, FP8 with scales, chunks in pinned host memory); pages of
+            one shape [N, H, D]; each non-FP8 source in the outputs' dtype.
+        page_ids: int32/int64 [L, B, Fc]: context frame ``j`` reads page ``page_ids[l, b, j]``
+            of source ``source[j]``; -1 skips the frame.
+        source: int32/int64 [Fc] on the outputs' device, the source index of each context
+            frame (entries in ``[0, len(sources))``, checked on CPU only); None with one source.
+        positions, tables, out_k, out_v, frame_offset, mode: as :func:`splice`.
+
+    Frame ``j`` of every layer and stream comes from one source, so a block's sink,
+    retrieved and local frames (the window pool and the history pool) splice in one
+    launch whose ids and source table live on the device (CUDA-graph friendly).
+    """
+    all_pools, positions, source = _check_inputs(sources, page_ids, source, positions, tables, out_k, out_v,
+                                                  frame_offset)
+    if use_triton(out_k, mode, "splice"):
+        _splice_triton(all_pools, page_ids, source, positions, tables, out_k, out_v, frame_offset)
+    else:
+        _splice_sources_reference(all_pools, page_ids, source, positions, tables, out_k, out_v, frame_offset)
 
 
 def splice(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, tables: RopeTables,
@@ -579,9 +730,5 @@ def splice(pool_k, pool_v, page_ids: torch.Tensor, positions: torch.Tensor, tabl
             as ``float(code) * scale`` in float32; K is then rotated, and K and V are
             stored in the outputs' dtype (float32/bfloat16/float16).
     """
-    pools, positions = _check_inputs(pool_k, pool_v, page_ids, positions, tables, out_k, out_v, frame_offset,
-                                     chunk_pages, scale_k, scale_v)
-    if use_triton(out_k, mode, "splice"):
-        _splice_triton(pools, page_ids, positions, tables, out_k, out_v, frame_offset)
-    else:
-        _splice_reference(pools, page_ids, positions, tables, out_k, out_v, frame_offset)
+    splice_sources([PageSource(pool_k, pool_v, chunk_pages, scale_k, scale_v)], page_ids, None, positions, tables,
+                   out_k, out_v, frame_offset, mode)
