@@ -21,7 +21,7 @@ from .attention.backend import get_backend
 from .checks import MAX_FRAMES, check_seed  # noqa: F401  (MAX_FRAMES is part of the API)
 from .config import MemoryConfig, ModelConfig, RuntimeConfig
 from .memory.budget import HistoryBudget
-from .memory.cache import Workspace, make_page_pool
+from .memory.workspace import Workspace, make_page_pool
 from .memory.history import PagePool
 from .memory.page_table import page_table_kind
 from .memory.retrieval import BlockLog, Descriptor, MeanDescriptor

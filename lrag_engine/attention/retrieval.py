@@ -41,7 +41,8 @@ from typing import Callable
 import torch
 
 from ..config import KERNEL_MODES, MemoryConfig, resolve_dtype
-from ..memory.cache import RetrievalCache, Workspace
+from ..memory.cache import RetrievalCache
+from ..memory.workspace import Workspace
 from ..memory.history import HistoryStore, PagePool
 from ..memory.retrieval import BlockLog, Descriptor, MeanDescriptor
 from ..ops.rope import RopeTables
